@@ -1,0 +1,1 @@
+"""kokoro_helpers"""
