@@ -28,7 +28,8 @@ setup: $(STAMP)  ## create .venv: torch ($(TORCH_SPEC), override with TORCH_SPEC
 report: $(STAMP)  ## run every notebook with PARAMS via papermill into reports/<run>/ (+ HTML, index.html)
 	$(PY) -m kokoro_helpers.report --params $(PARAMS)
 
-test: $(STAMP)  ## unit tests, then every notebook under nbval
+test: export KOKORO_OPENAI_DRY_RUN=1
+test: $(STAMP)  ## unit tests, then every notebook under nbval (OpenAI forced to dry run: tests never spend money)
 	$(PY) -m pytest -q tests
 	cd notebooks && ../$(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env --nbval-cell-timeout=900 .
 

@@ -170,6 +170,8 @@ def split_into_windows(
         ctx: list[int] = []
         ctx_cost = 0
         j = start - 1
+        # context never crowds out the next exchange: it only takes room that exchange leaves
+        ctx_budget = min(ctx_budget, budget - unit_cost[start])
         while j >= 0 and ctx_cost + unit_cost[j] <= ctx_budget:
             ctx_cost += unit_cost[j]
             ctx = units[j] + ctx

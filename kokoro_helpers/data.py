@@ -18,7 +18,8 @@ from typing import Any, Sequence
 
 from tqdm.auto import tqdm
 
-from .convert import Dialogue, RecordError, id_sort_key, parse_record, split_into_windows, to_messages
+from .convert import (Dialogue, RecordError, content_id, id_sort_key, parse_record, split_into_windows,
+                      to_messages)
 from .paths import resolve
 from .schema import SCORE_SUBSETS
 from .sources import Reject, read_source
@@ -107,7 +108,10 @@ def prepare_data(
     unique: list[Dialogue] = []
     for d in parsed:
         if unique and unique[-1].id == d.id:
-            rejects.append(Reject(str(d.id), "duplicate_id", "an earlier record has the same id"))
+            # keep the same one whatever the file/row order: the smaller content hash
+            if content_id(d.raw) < content_id(unique[-1].raw):
+                unique[-1] = d
+            rejects.append(Reject(str(d.id), "duplicate_id", "another record has the same id"))
         else:
             unique.append(d)
 
@@ -132,18 +136,25 @@ def prepare_data(
     examples_by_id: dict[Any, list[list[dict[str, Any]]]] = {}
     kept: list[Dialogue] = []
     tokens_by_id: dict[Any, list[int]] = {}
+    turns_by_id: dict[Any, int] = {}
     windowed = 0
     for d in tqdm(selected, desc="convert", unit="dlg", disable=not progress or len(selected) < 2000):
         messages = to_messages(d, system_prompt)
+        # cost every message once: split_into_windows asks for the whole example's costs first
+        costs = counter.message_costs(messages)
         try:
-            windows = split_into_windows(messages, max_example_tokens, counter.message_costs, REPLY_PRIMING)
+            windows = split_into_windows(
+                messages, max_example_tokens,
+                lambda m, _msgs=messages, _costs=costs: _costs if m is _msgs else counter.message_costs(m),
+                REPLY_PRIMING)
         except RecordError as exc:
             rejects.append(Reject(str(d.id), exc.reason, str(exc)))
             continue
         windowed += len(windows) > 1
         examples_by_id[d.id] = windows
         tokens_by_id[d.id] = [sum(counter.message_costs(w)) + REPLY_PRIMING for w in windows] \
-            if len(windows) > 1 else [sum(counter.message_costs(messages)) + REPLY_PRIMING]
+            if len(windows) > 1 else [sum(costs) + REPLY_PRIMING]
+        turns_by_id[d.id] = len(messages) - (1 if system_prompt else 0)   # == len(to_messages(d))
         kept.append(d)
 
     strata = {d.id: d.topic_en for d in kept} if stratify_by_topic else None
@@ -169,7 +180,7 @@ def prepare_data(
         rows.append({
             "id": d.id, "split": split_of[d.id], "topic": d.topic_en, "topic_jp": d.topic_jp,
             "score": d.score, "utterances": len(d.utterances),
-            "turns": len(to_messages(d)), "windows": len(msgs),
+            "turns": turns_by_id[d.id], "windows": len(msgs),
             "tokens": sum(tokens_by_id[d.id]),
             "counselor_chars": sum(len(t) for r, t in d.utterances if r == "counselor"),
             "client_chars": sum(len(t) for r, t in d.utterances if r == "client"),

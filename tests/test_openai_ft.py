@@ -1,0 +1,546 @@
+"""The OpenAI fine-tuning path end to end against a fake server: no network, ever.
+
+`FakeOpenAI` answers the endpoints the project uses with OpenAI-shaped JSON through an httpx2
+MockTransport (openai 3.x runs on httpx2). It keeps its state across clients, so a "kernel
+restart" is simply a new client (and a new monitor) talking to the same server.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import openai
+import pytest
+
+from kokoro_helpers import cards, openai_ft
+from kokoro_helpers.data import prepare_data
+from kokoro_helpers.tokens import estimate_counter
+
+BASE_URL = "https://fake-openai.test/v1"
+SECRET = "sk-kokoro-TEST-9f8e7d6c5b4a-never-write-me"
+BASE_MODEL = "gpt-4o-mini-2024-07-18"
+
+
+class FakeOpenAI:
+    """A tiny stateful OpenAI: files, fine-tuning jobs (with events, checkpoints, result file), chat."""
+
+    def __init__(self, key: str | None = None, plan: tuple[str, ...] | None = None,
+                 fail_with: dict[str, Any] | None = None, total_steps: int = 6):
+        self.key = key
+        self.calls: list[tuple[str, str]] = []
+        self.bodies: list[tuple[str, str, Any]] = []
+        self.files: dict[str, bytes] = {}
+        self.jobs: dict[str, dict[str, Any]] = {}
+        self.events: dict[str, list[dict[str, Any]]] = {}
+        self.polls: dict[str, int] = {}
+        self.plan = plan or ("validating_files", "queued", "running", "running", "succeeded")
+        self.fail_with = fail_with
+        self.total_steps = total_steps
+        self.faults: list[dict[str, Any]] = []
+        self.n = 0
+        self.t = 1_760_000_000
+
+    # --- helpers ---
+    def client(self, max_retries: int = 2, with_key: bool = True) -> openai.OpenAI:
+        http = httpx2.Client(transport=httpx2.MockTransport(self.handler))
+        kwargs: dict[str, Any] = {"api_key": "test"} if with_key else {}
+        return openai.OpenAI(base_url=BASE_URL, http_client=http, max_retries=max_retries, **kwargs)
+
+    def fault(self, method: str, path_regex: str, status: int | str, times: int = 1, retry_ms: int | None = 1):
+        """Answer the next `times` matching requests with `status` (or "timeout")."""
+        self.faults.append({"method": method, "re": re.compile(path_regex), "status": status, "times": times,
+                            "retry_ms": retry_ms})
+
+    def count(self, method: str, path_regex: str) -> int:
+        return sum(1 for m, p in self.calls if m == method and re.fullmatch(path_regex, p))
+
+    def _id(self, prefix: str) -> str:
+        self.n += 1
+        return f"{prefix}-{self.n:04d}"
+
+    def _tick(self) -> int:
+        self.t += 7
+        return self.t
+
+    def _event(self, job_id: str, message: str, data: dict | None = None, level: str = "info") -> None:
+        self.events[job_id].append({"object": "fine_tuning.job.event", "id": self._id("ftevent"),
+                                    "created_at": self._tick(), "level": level, "message": message,
+                                    "data": data or {}, "type": "metrics" if data else "message"})
+
+    @staticmethod
+    def _json(status: int, body: Any, headers: dict | None = None) -> httpx2.Response:
+        return httpx2.Response(status, json=body, headers=headers or {})
+
+    @staticmethod
+    def _error(status: int, message: str, code: str | None = None) -> httpx2.Response:
+        return httpx2.Response(status, json={"error": {"message": message, "type": "invalid_request_error",
+                                                       "param": None, "code": code}})
+
+    # --- the server ---
+    def handler(self, request: httpx2.Request) -> httpx2.Response:
+        path = request.url.path.removeprefix("/v1")
+        method = request.method
+        self.calls.append((method, path))
+        if self.key is not None:
+            assert request.headers.get("authorization") == f"Bearer {self.key}"
+        for f in self.faults:
+            if f["times"] > 0 and f["method"] == method and f["re"].fullmatch(path):
+                f["times"] -= 1
+                if f["status"] == "timeout":
+                    raise httpx2.ReadTimeout("fake timeout", request=request)
+                headers = {"retry-after-ms": str(f["retry_ms"])} if f["retry_ms"] else {}
+                return httpx2.Response(f["status"], json={"error": {"message": f"fake {f['status']}",
+                                                                    "type": "server_error", "code": None}},
+                                       headers=headers)
+        if method == "POST" and path == "/files":
+            body = request.read()
+            fid = self._id("file")
+            content = body.split(b"\r\n\r\n", 2)[-1].rsplit(b"\r\n--", 1)[0]
+            self.files[fid] = content
+            self.bodies.append((method, path, len(content)))
+            return self._json(200, {"id": fid, "object": "file", "bytes": len(content), "created_at": self._tick(),
+                                    "filename": "train.jsonl", "purpose": "fine-tune", "status": "processed"})
+        m = re.fullmatch(r"/files/([^/]+)", path)
+        if m and method == "GET":
+            if m.group(1) not in self.files:
+                return self._error(404, f"No such File object: {m.group(1)}")
+            return self._json(200, {"id": m.group(1), "object": "file", "bytes": len(self.files[m.group(1)]),
+                                    "created_at": 1, "filename": "x.jsonl", "purpose": "fine-tune",
+                                    "status": "processed"})
+        m = re.fullmatch(r"/files/([^/]+)/content", path)
+        if m and method == "GET":
+            return httpx2.Response(200, content=self.files[m.group(1)])
+        if method == "POST" and path == "/fine_tuning/jobs":
+            body = json.loads(request.read())
+            self.bodies.append((method, path, body))
+            for key in ("training_file", "validation_file"):
+                if body.get(key) and body[key] not in self.files:
+                    return self._error(400, f"invalid {key}", "invalid_file")
+            jid = self._id("ftjob")
+            hp = body.get("method", {}).get("supervised", {}).get("hyperparameters", {})
+            job = {"object": "fine_tuning.job", "id": jid, "model": body["model"], "created_at": self._tick(),
+                   "finished_at": None, "fine_tuned_model": None, "organization_id": "org-fake",
+                   "result_files": [], "status": "validating_files", "validation_file": body.get("validation_file"),
+                   "training_file": body["training_file"], "hyperparameters": hp, "trained_tokens": None,
+                   "error": None, "seed": body.get("seed", 0), "metadata": body.get("metadata"),
+                   "method": body.get("method"), "suffix": body.get("suffix")}
+            self.jobs[jid] = job
+            self.events[jid] = []
+            self.polls[jid] = 0
+            self._event(jid, "Validating training file")
+            return self._json(200, job)
+        if method == "GET" and path == "/fine_tuning/jobs":
+            data = sorted(self.jobs.values(), key=lambda j: j["created_at"], reverse=True)
+            return self._json(200, {"object": "list", "data": data, "has_more": False})
+        m = re.fullmatch(r"/fine_tuning/jobs/([^/]+)", path)
+        if m and method == "GET":
+            return self._json(200, self._advance(m.group(1)))
+        m = re.fullmatch(r"/fine_tuning/jobs/([^/]+)/cancel", path)
+        if m and method == "POST":
+            job = self.jobs[m.group(1)]
+            job["status"] = "cancelled"
+            return self._json(200, job)
+        m = re.fullmatch(r"/fine_tuning/jobs/([^/]+)/events", path)
+        if m and method == "GET":
+            newest_first = list(reversed(self.events[m.group(1)]))
+            after = request.url.params.get("after")
+            if after:
+                ids = [e["id"] for e in newest_first]
+                newest_first = newest_first[ids.index(after) + 1:]
+            limit = int(request.url.params.get("limit", 20))
+            return self._json(200, {"object": "list", "data": newest_first[:limit],
+                                    "has_more": len(newest_first) > limit})
+        m = re.fullmatch(r"/fine_tuning/jobs/([^/]+)/checkpoints", path)
+        if m and method == "GET":
+            job = self.jobs[m.group(1)]
+            data = [{"object": "fine_tuning.job.checkpoint", "id": f"ftckpt-{s}", "created_at": self._tick(),
+                     "fine_tuned_model_checkpoint": f"{job['fine_tuned_model']}:ckpt-step-{s}",
+                     "fine_tuning_job_id": job["id"], "step_number": s,
+                     "metrics": {"step": s, "train_loss": 1.0 / s, "valid_loss": 1.1 / s}}
+                    for s in (self.total_steps, self.total_steps // 2)]
+            return self._json(200, {"object": "list", "data": data, "has_more": False})
+        if method == "POST" and path == "/chat/completions":
+            body = json.loads(request.read())
+            self.bodies.append((method, path, body))
+            return self._json(200, {"id": "chatcmpl-1", "object": "chat.completion", "created": 1,
+                                    "model": body["model"], "choices": [{"index": 0, "finish_reason": "stop",
+                                    "message": {"role": "assistant", "content": "お話を聞かせてください。"}}],
+                                    "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}})
+        return self._error(404, f"fake server: no route {method} {path}")
+
+    def _advance(self, jid: str) -> dict[str, Any]:
+        job = self.jobs[jid]
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return job
+        i = self.polls[jid] = self.polls[jid] + 1
+        status = self.plan[min(i, len(self.plan) - 1)]
+        if status == "succeeded" and self.fail_with:
+            status = "failed"
+        if status != job["status"]:
+            self._event(jid, f"Job status: {status}")
+        if status == "running":
+            running_polls = sum(1 for s in self.plan[:i + 1] if s == "running")
+            per = self.total_steps // max(1, self.plan.count("running"))
+            for step in range((running_polls - 1) * per + 1, running_polls * per + 1):
+                self._event(jid, f"Step {step}/{self.total_steps}: training loss={2.0 / step:.3f}",
+                            {"step": step, "total_steps": self.total_steps, "train_loss": 2.0 / step,
+                             "valid_loss": 2.2 / step if step % 2 == 0 else None})
+        job["status"] = status
+        if status == "failed":
+            job["error"] = self.fail_with
+            job["finished_at"] = self._tick()
+            self._event(jid, f"Job failed: {self.fail_with['message']}", level="error")
+        if status == "succeeded":
+            rid = self._id("file")
+            rows = ["step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy"]
+            rows += [f"{s},{2.0 / s:.4f},0.5,{'' if s % 2 else f'{2.2 / s:.4f}'},{'' if s % 2 else 0.6}"
+                     for s in range(1, self.total_steps + 1)]
+            self.files[rid] = ("\n".join(rows) + "\n").encode()
+            job.update(fine_tuned_model=f"ft:{job['model']}:org-fake:{job.get('suffix') or 'x'}:{jid[-4:]}",
+                       trained_tokens=12_345, result_files=[rid], finished_at=self._tick(),
+                       hyperparameters={"n_epochs": 3, "batch_size": 1, "learning_rate_multiplier": 1.8})
+            job["method"] = {"type": "supervised", "supervised": {"hyperparameters": job["hyperparameters"]}}
+            self._event(jid, "New fine-tuned model created")
+            self._event(jid, "The job has successfully completed")
+        return job
+
+
+# --- fixtures ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def _data_once(tmp_path_factory):
+    run = tmp_path_factory.mktemp("ft-data")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KOKORO_TIKTOKEN_OFFLINE", "1")
+        prepare_data(run_dir=str(run), progress=False, token_counter=estimate_counter(),
+                     system_prompt="あなたは心理カウンセラーです。")
+    return run / "data"
+
+
+@pytest.fixture
+def run_dir(tmp_path, _data_once):
+    """A fresh run dir holding 01_data's real output for the embedded sample (copied, not recomputed)."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(_data_once, run / "data")
+    return run
+
+
+@pytest.fixture
+def no_key(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "")       # also shadows any OPENAI_API_KEY in a .env
+    monkeypatch.delenv(openai_ft.FORCE_DRY_RUN_ENV, raising=False)
+
+
+@pytest.fixture
+def with_key(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    monkeypatch.delenv(openai_ft.FORCE_DRY_RUN_ENV, raising=False)
+
+
+class Sleeps(list):
+    """A stand-in for time.sleep that records the delays (tests never really sleep)."""
+
+    def __call__(self, seconds: float) -> None:
+        self.append(seconds)
+
+
+def run_ft(run_dir: Path, client: Any, sleep=None, **kwargs: Any) -> openai_ft.FineTuneResult:
+    kwargs.setdefault("openai_mode", "submit")
+    return openai_ft.finetune(run_dir=str(run_dir), client=client, progress=False, counter=estimate_counter(),
+                              poll_seconds=1, monitor_kwargs={"sleep": sleep if sleep is not None else Sleeps()},
+                              log=lambda msg: None, **kwargs)
+
+
+def files_under(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_file()]
+
+
+def assert_key_absent(folder: Path) -> None:
+    leaked = [p for p in files_under(folder) if SECRET.encode() in p.read_bytes()]
+    assert not leaked, f"the API key was written to {leaked}"
+
+
+# --- tests --------------------------------------------------------------------------------------------
+
+def test_dry_run_with_key_writes_request_in_method_form_and_sends_nothing(run_dir, with_key, monkeypatch):
+    def no_http(*args, **kwargs):
+        raise AssertionError("dry run sent an HTTP request")
+
+    monkeypatch.setattr(httpx2.Client, "send", no_http)
+    fake = FakeOpenAI()
+    result = run_ft(run_dir, fake.client(), openai_mode="dry_run")
+    assert result.mode == "dry_run" and result.card_path is None
+    assert fake.calls == []
+    record = json.loads((run_dir / "openai" / "job_request.json").read_text(encoding="utf-8"))
+    request = record["request"]
+    assert "hyperparameters" not in request
+    assert request["method"] == {"type": "supervised", "supervised": {"hyperparameters": {
+        "n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"}}}
+    assert request["model"] == BASE_MODEL and request["suffix"] == "kokoro-chat" and request["seed"] == 42
+    # 39 training examples -> 3 epochs by the heuristic; billed = 3 x train tokens; $3.00 / 1M
+    stats = json.loads((run_dir / "data" / "stats.json").read_text(encoding="utf-8"))
+    assert record["epochs"] == 3
+    assert record["billed_tokens"] == 3 * stats["tokens"]["train"]
+    assert record["estimated_cost_usd"] == pytest.approx(record["billed_tokens"] * 3.00 / 1e6)
+    assert record["is_estimate"] is True and "estimate" in record["estimate"]["label"]
+    assert record["cost_guard"]["passes"] is True
+    assert not (run_dir / "models").exists()
+    assert_key_absent(run_dir)
+
+
+def test_whole_flow_429_then_success_card_metrics_and_no_key_written(run_dir, with_key):
+    fake = FakeOpenAI(key=SECRET)
+    fake.fault("POST", "/files", 429, times=1)            # rate limited once: the SDK retries
+    client = openai_ft.make_client(http_client=httpx2.Client(transport=httpx2.MockTransport(fake.handler)),
+                                   base_url=BASE_URL, max_retries=2)
+    result = run_ft(run_dir, client)
+    assert fake.count("POST", "/files") == 3                # 429 + train + valid
+    assert fake.count("POST", "/fine_tuning/jobs") == 1
+    create = next(b for m, p, b in fake.bodies if p == "/fine_tuning/jobs")
+    assert "hyperparameters" not in create and create["method"]["type"] == "supervised"
+    assert create["metadata"]["kokoro_request"] == result.request.fingerprint[:32]
+
+    card = result.card
+    assert card["status"] == "succeeded" and card["finalized"] is True
+    assert card["model_id"].startswith(f"ft:{BASE_MODEL}:org-fake:kokoro-chat:")
+    for key in ("model_id", "timestamp", "base_model", "training_params", "evaluation_results", "usage_instructions"):
+        assert key in card
+    assert card["kind"] == "openai" and card["job_id"].startswith("ftjob-")
+    assert set(card["training_params"]) >= {"epochs", "batch_size", "learning_rate_multiplier", "max_samples",
+                                            "seed", "data_splits"}
+    assert card["training_params"]["epochs"] == 3 and card["training_params"]["data_splits"]["train"] == 39
+    assert card["trained_tokens"] == 12_345
+    assert card["actual_cost"]["usd"] == pytest.approx(12_345 * 3.00 / 1e6)
+    assert card["actual_cost"]["is_estimate"] is False
+    assert [c["step_number"] for c in card["checkpoints"]] == [3, 6]
+    assert card["file_ids"]["train"] in fake.files and card["file_ids"]["valid"] in fake.files
+    assert card["data_sha256"]["train"] == result.preflight.sha256["train"]
+    assert card["system_prompt"] == "あなたは心理カウンセラーです。"
+    assert [h["status"] for h in card["status_history"]] == ["validating_files", "queued", "running", "succeeded"]
+    assert card["model_id"] in card["usage_instructions"]
+
+    metrics = run_dir / card["training_metrics"]["metrics_file"]
+    assert metrics.read_text().startswith("step,train_loss")
+    assert card["training_metrics"]["steps"] == 6
+    assert card["training_metrics"]["final_train_loss"] == pytest.approx(2.0 / 6, abs=1e-4)
+    events = [json.loads(line) for line in (run_dir / card["monitor"]["events_file"]).read_text().splitlines()]
+    assert len({e["id"] for e in events}) == len(events) == len(fake.events[card["job_id"]])
+    assert [e["data"]["step"] for e in events if e["type"] == "metrics"] == list(range(1, 7))
+
+    ledger = json.loads((run_dir / "openai" / "uploads.json").read_text())
+    assert {v["file_id"] for v in ledger.values()} == set(card["file_ids"].values())
+    request = json.loads((run_dir / "openai" / "job_request.json").read_text())
+    assert request["mode"] == "submit" and request["request"]["training_file"] == card["file_ids"]["train"]
+    assert not (run_dir / "openai" / "pending_job.json").exists()
+
+    import matplotlib
+    matplotlib.use("Agg")
+    fig = openai_ft.plot_loss(result.card_path)
+    assert fig.axes[0].get_lines()
+    assert_key_absent(run_dir)
+
+
+def test_500s_and_a_timeout_while_polling_are_retried_with_backoff(run_dir, no_key):
+    fake = FakeOpenAI()
+    fake.fault("GET", r"/fine_tuning/jobs/[^/]+", 500, times=2, retry_ms=None)
+    fake.fault("GET", r"/fine_tuning/jobs/[^/]+/events", "timeout", times=1)
+    sleeps = Sleeps()
+    result = run_ft(run_dir, fake.client(max_retries=0), sleep=sleeps)   # our loop, not the SDK, retries
+    assert result.card["status"] == "succeeded"
+    assert sleeps.count(1) == 3                              # between the 4 polls
+    assert [s for s in sleeps if s != 1] == [2.0, 4.0, 2.0]   # backoff: 500, 500, (reset) timeout
+
+
+def test_failed_job_shows_openai_code_and_message_and_is_not_resubmitted_silently(run_dir, no_key):
+    err = {"code": "invalid_training_file", "message": "The file has 3 examples with an unknown role.",
+           "param": "training_file"}
+    fake = FakeOpenAI(fail_with=err)
+    with pytest.raises(openai_ft.JobFailedError) as info:
+        run_ft(run_dir, fake.client())
+    assert "invalid_training_file" in str(info.value) and "unknown role" in str(info.value)
+    assert info.value.code == "invalid_training_file"
+    (path, card), = openai_ft.job_cards(run_dir)
+    assert card["status"] == "failed" and card["error"]["code"] == "invalid_training_file"
+    assert card["model_id"] is None
+
+    with pytest.raises(openai_ft.JobEndedError, match="invalid_training_file"):
+        run_ft(run_dir, fake.client())
+    assert fake.count("POST", "/fine_tuning/jobs") == 1
+    fake.fail_with = None
+    result = run_ft(run_dir, fake.client(), new_job=True)
+    assert result.card["status"] == "succeeded" and fake.count("POST", "/fine_tuning/jobs") == 2
+
+
+def test_kernel_restart_mid_monitoring_resumes_the_same_job(run_dir, no_key):
+    fake = FakeOpenAI(plan=("validating_files", "queued", "running", "running", "running", "succeeded"))
+
+    class Interrupt(Sleeps):
+        def __call__(self, seconds):
+            super().__call__(seconds)
+            if len(self) == 3:
+                raise KeyboardInterrupt   # the kernel is interrupted / restarted mid-monitoring
+
+    with pytest.raises(KeyboardInterrupt):
+        run_ft(run_dir, fake.client(), sleep=Interrupt())
+    (path, card), = openai_ft.job_cards(run_dir)
+    assert card["status"] in ("queued", "running") and card["job_id"]
+    seen_before = card["monitor"]["last_event_at"]
+    assert seen_before is not None
+
+    result = run_ft(run_dir, fake.client())                 # a new client, a new monitor, the same run_dir
+    assert fake.count("POST", "/fine_tuning/jobs") == 1     # no second job
+    assert fake.count("POST", "/files") == 2                # no second upload
+    assert result.card_path == path and result.card["job_id"] == card["job_id"]
+    assert result.card["status"] == "succeeded"
+    events = [json.loads(line) for line in (run_dir / result.card["monitor"]["events_file"]).read_text().splitlines()]
+    assert len({e["id"] for e in events}) == len(events)   # nothing logged twice after the restart
+
+    # and once more: a finished job is only reported, never re-created or re-polled
+    polls = fake.count("GET", r"/fine_tuning/jobs/[^/]+")
+    again = run_ft(run_dir, fake.client())
+    assert again.card["model_id"] == result.card["model_id"]
+    assert fake.count("POST", "/fine_tuning/jobs") == 1 and fake.count("GET", r"/fine_tuning/jobs/[^/]+") == polls
+
+
+def test_identical_data_is_not_uploaded_twice(run_dir, no_key):
+    fake = FakeOpenAI()
+    first = run_ft(run_dir, fake.client())
+    second = run_ft(run_dir, fake.client(), suffix="kokoro-chat-b")    # another job, the same data
+    assert fake.count("POST", "/fine_tuning/jobs") == 2
+    assert fake.count("POST", "/files") == 2
+    assert second.card["file_ids"] == first.card["file_ids"]
+    assert fake.count("GET", r"/files/file-[^/]+") >= 2                 # the reused ids were checked
+    # a file deleted at OpenAI is uploaded again, and the ledger updated
+    del fake.files[first.card["file_ids"]["train"]]
+    third = run_ft(run_dir, fake.client(), suffix="kokoro-chat-c")
+    assert fake.count("POST", "/files") == 3
+    assert third.card["file_ids"]["train"] != first.card["file_ids"]["train"]
+
+
+def test_cost_guard_refuses_with_the_numbers_before_any_request(run_dir, no_key):
+    fake = FakeOpenAI()
+    with pytest.raises(openai_ft.CostGuardError) as info:
+        run_ft(run_dir, fake.client(), max_training_cost_usd=0.01, n_epochs=10)
+    msg = str(info.value)
+    stats = json.loads((run_dir / "data" / "stats.json").read_text())
+    billed = 10 * stats["tokens"]["train"]
+    assert f"{billed:,} billed tokens" in msg and "10 epochs" in msg and "$0.01" in msg
+    assert f"${billed * 3 / 1e6:,.2f}" in msg and "max_training_cost_usd" in msg
+    assert fake.calls == []
+    record = json.loads((run_dir / "openai" / "job_request.json").read_text())
+    assert record["cost_guard"]["passes"] is False and record["epochs"] == 10
+
+
+def test_a_job_whose_creation_answer_was_lost_is_adopted_not_duplicated(run_dir, no_key, monkeypatch):
+    fake = FakeOpenAI()
+    real = openai_ft.write_job_card
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full (simulated) right after jobs.create")
+
+    monkeypatch.setattr(openai_ft, "write_job_card", crash)
+    with pytest.raises(OSError):
+        run_ft(run_dir, fake.client())
+    assert (run_dir / "openai" / "pending_job.json").exists()
+    monkeypatch.setattr(openai_ft, "write_job_card", real)
+    result = run_ft(run_dir, fake.client())
+    assert fake.count("POST", "/fine_tuning/jobs") == 1
+    assert result.card["status"] == "succeeded"
+
+
+def test_modes_and_the_missing_key(no_key, monkeypatch):
+    assert openai_ft.resolve_mode("auto") == "dry_run"
+    assert openai_ft.resolve_mode("dry_run") == "dry_run"
+    with pytest.raises(openai_ft.MissingKeyError, match="OPENAI_API_KEY"):
+        openai_ft.resolve_mode("submit")
+    with pytest.raises(openai_ft.MissingKeyError, match="OPENAI_API_KEY"):
+        openai_ft.make_client()
+    with pytest.raises(ValueError, match="openai_mode"):
+        openai_ft.resolve_mode("yes please")
+    assert openai_ft.resolve_mode("auto", client=object()) == "submit"
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    assert openai_ft.resolve_mode("auto") == "submit"
+    assert SECRET not in openai_ft.describe_mode("submit")
+    monkeypatch.setenv(openai_ft.FORCE_DRY_RUN_ENV, "1")
+    assert openai_ft.resolve_mode("submit") == "dry_run"
+    with pytest.raises(openai_ft.OpenAIFTError, match="never a parameter"):
+        openai_ft.make_client(api_key=SECRET)
+
+
+def test_client_from_environment_respects_base_url_and_chat_uses_the_card(with_key, monkeypatch, tmp_path):
+    fake = FakeOpenAI(key=SECRET)
+    monkeypatch.setenv("OPENAI_BASE_URL", BASE_URL)
+    client = openai_ft.make_client(http_client=httpx2.Client(transport=httpx2.MockTransport(fake.handler)))
+    card = cards.new_card("openai", "ft:gpt-4o-mini-2024-07-18:org:kokoro-chat:abc", BASE_MODEL, {},
+                          system_prompt="あなたは心理カウンセラーです。")
+    reply = openai_ft.chat(card, [{"role": "user", "content": "こんにちは"}], client, max_tokens=50, temperature=0)
+    assert reply == "お話を聞かせてください。"
+    body = fake.bodies[-1][2]
+    assert body["model"] == card["model_id"] and body["max_tokens"] == 50 and body["temperature"] == 0
+    assert body["messages"][0] == {"role": "system", "content": "あなたは心理カウンセラーです。"}
+    openai_ft.chat(card, [{"role": "user", "content": "x"}], client, system="別の指示")
+    assert fake.bodies[-1][2]["messages"][0]["content"] == "別の指示"
+
+
+def test_cancel_is_one_call_and_recorded(run_dir, no_key):
+    fake = FakeOpenAI()
+    pf = openai_ft.preflight(run_dir, counter=estimate_counter())
+    req = openai_ft.write_job_request(pf, "submit", max_training_cost_usd=5)
+    path = openai_ft.submit(req, fake.client(), log=lambda m: None)
+    before = len(fake.calls)
+    card = openai_ft.cancel(path, fake.client())
+    assert len(fake.calls) == before + 1 and card["status"] == "cancelled"
+    final = openai_ft.monitor(path, fake.client(), progress=False, sleep=Sleeps(), log=lambda m: None)
+    assert final["status"] == "cancelled" and final["model_id"] is None
+
+
+def test_preflight_refuses_bad_or_missing_data(tmp_path, run_dir, counter):
+    with pytest.raises(openai_ft.DataError, match="run 01_data first"):
+        openai_ft.preflight(tmp_path / "nowhere", counter=counter)
+    train = run_dir / "data" / "train.jsonl"
+    lines = train.read_text(encoding="utf-8").splitlines()
+    bad = json.loads(lines[0])
+    bad["messages"] = [m for m in bad["messages"] if m["role"] != "assistant"]
+    train.write_text("\n".join([json.dumps(bad, ensure_ascii=False)] + lines[1:]) + "\n", encoding="utf-8")
+    with pytest.raises(openai_ft.DataError, match="example_missing_assistant_message"):
+        openai_ft.preflight(run_dir, counter=counter)
+    train.write_text("\n".join(lines[:5]) + "\n", encoding="utf-8")
+    with pytest.raises(openai_ft.DataError, match="at least 10"):
+        openai_ft.preflight(run_dir, counter=counter)
+
+
+def test_preflight_caps_long_examples_and_notes_changed_files(run_dir, counter):
+    pf = openai_ft.preflight(run_dir, max_example_tokens=500, n_epochs=2, counter=counter)
+    toks = pf.example_tokens["train"]
+    assert pf.estimate.tokens_per_epoch == sum(min(500, t) for t in toks)
+    assert pf.estimate.capped_examples == sum(t > 500 for t in toks) > 0
+    assert pf.estimate.billed_tokens == 2 * pf.estimate.tokens_per_epoch
+    assert any("truncates" in n for n in pf.notes)
+    table = pf.cost_table()
+    assert table.loc["cost (USD)", "note"] == "estimate"
+    with open(run_dir / "data" / "valid.jsonl", "a", encoding="utf-8") as f:
+        f.write(open(run_dir / "data" / "valid.jsonl", encoding="utf-8").readline())
+    assert any("changed since 01_data" in n for n in openai_ft.preflight(run_dir, counter=counter).notes)
+
+
+def test_an_unreadable_job_card_blocks_a_new_job(run_dir, no_key):
+    fake = FakeOpenAI()
+    (run_dir / "models").mkdir()
+    (run_dir / "models" / "openai-kokoro-chat-ftjob-0001.json").write_text("{half a card", encoding="utf-8")
+    with pytest.raises(openai_ft.OpenAIFTError, match="unreadable and may hold a running job"):
+        run_ft(run_dir, fake.client())
+    assert fake.calls == []
+
+
+def test_the_key_may_come_from_dotenv_and_never_overrides_the_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv(openai_ft.FORCE_DRY_RUN_ENV, raising=False)
+    monkeypatch.setattr(openai_ft, "project_root", lambda: tmp_path)
+    (tmp_path / ".env").write_text(f"OPENAI_API_KEY={SECRET}\n", encoding="utf-8")
+    assert openai_ft.has_api_key() and openai_ft.resolve_mode("auto") == "submit"
+    monkeypatch.setenv("OPENAI_API_KEY", "")               # the environment wins over .env
+    assert not openai_ft.has_api_key() and openai_ft.resolve_mode("auto") == "dry_run"

@@ -1,0 +1,260 @@
+"""Token counting: the labelled offline estimate, OpenAI's counting rule with an injected encoding,
+and the tiktoken cache path."""
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+
+import pytest
+
+from kokoro_helpers import tokens as tokens_mod
+from kokoro_helpers.tokens import (ENCODING, ENCODING_URL, REPLY_PRIMING, TOKENS_PER_MESSAGE, TokenCounter,
+                                   estimate_counter, get_token_counter, install_encoding_file,
+                                   tiktoken_cache_dir, total_tokens)
+
+
+class CharEncoding:
+    """A stand-in for a tiktoken Encoding: one token id per character."""
+
+    name = "fake-chars"
+
+    def __init__(self):
+        self.calls = 0
+
+    def encode(self, text):
+        self.calls += 1
+        return [ord(c) for c in text]
+
+
+class BatchCharEncoding(CharEncoding):
+    name = "fake-chars-batch"
+
+    def __init__(self):
+        super().__init__()
+        self.batches = 0
+
+    def encode_ordinary_batch(self, texts):
+        self.batches += 1
+        return [[ord(c) for c in t] for t in texts]
+
+
+@pytest.fixture
+def get_encoding_calls(monkeypatch):
+    """tiktoken.get_encoding replaced: records each call and fails like an offline machine."""
+    import tiktoken
+
+    calls = []
+
+    def fake_get_encoding(name):
+        calls.append(name)
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", fake_get_encoding)
+    return calls
+
+
+# ---------------------------------------------------------------- offline: the labelled estimate
+
+
+def test_offline_counter_is_a_labelled_estimate_without_network(get_encoding_calls):
+    t0 = time.monotonic()
+    counter = get_token_counter()
+    assert time.monotonic() - t0 < 2
+    assert counter.is_estimate and counter.name.startswith("estimate:")
+    assert ENCODING in counter.name                       # says what it stands in for
+    assert get_encoding_calls == []                       # KOKORO_TIKTOKEN_OFFLINE=1: no attempt at all
+    assert get_token_counter() is counter                 # cached for the process
+
+
+def test_failed_download_falls_back_to_the_estimate(monkeypatch, get_encoding_calls):
+    monkeypatch.delenv("KOKORO_TIKTOKEN_OFFLINE")
+    counter = get_token_counter(timeout=5)
+    assert get_encoding_calls == [ENCODING]               # the encoding is named explicitly
+    assert counter.is_estimate
+
+
+def test_hanging_download_times_out_quickly(monkeypatch):
+    import tiktoken
+
+    release = threading.Event()
+
+    def hang(name):
+        release.wait(30)
+        raise ConnectionError("gave up")
+
+    monkeypatch.delenv("KOKORO_TIKTOKEN_OFFLINE")
+    monkeypatch.setattr(tiktoken, "get_encoding", hang)
+    try:
+        t0 = time.monotonic()
+        counter = get_token_counter(timeout=0.3)
+        assert time.monotonic() - t0 < 3
+        assert counter.is_estimate
+    finally:
+        release.set()
+
+
+def test_loaded_encoding_is_used_and_named_o200k_base(monkeypatch):
+    import tiktoken
+
+    class FakeTiktoken:
+        def encode_ordinary(self, text):
+            return list(text)
+
+        def encode_ordinary_batch(self, texts, num_threads=1):
+            return [list(t) for t in texts]
+
+    monkeypatch.delenv("KOKORO_TIKTOKEN_OFFLINE")
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: FakeTiktoken() if name == ENCODING else None)
+    counter = get_token_counter(timeout=5)
+    assert counter.name == ENCODING and not counter.is_estimate
+    assert counter.count("こんにちは") == 5
+    assert counter.count_many(["ab", "こんにちは"]) == [2, 5]
+
+
+def test_estimate_values():
+    c = estimate_counter()
+    assert c.count("") == 0
+    assert c.count("abcd") == 1 and c.count("abcde") == 2          # ~1 token per 4 ASCII characters
+    assert c.count("あ" * 10) == 6                                  # ~0.6 per Japanese character
+    assert c.count("あ" * 10 + "abcd") == 7
+    assert c.count_many(["abcd", "あ" * 10]) == [1, 6]
+
+    texts = ["", "abc", "こんにちは", "今日はOKです!", "a\nb", "カウンセラー" * 50, "x" * 7, "ÉCOLE é"]
+    assert c.count_many(texts) == [c.count(t) for t in texts]      # batch path == single path
+    msgs = [{"role": "user", "content": t or "-"} for t in texts]
+    assert c.message_costs(msgs) == [3 + c.count("user") + c.count(m["content"]) for m in msgs]
+
+
+# ---------------------------------------------------------------- OpenAI's counting rule
+
+
+MESSAGES = [
+    {"role": "system", "content": "あなたはカウンセラーです。"},
+    {"role": "user", "content": "眠れません。"},
+    {"role": "assistant", "content": "それはつらいですね。"},
+]
+
+
+def _openai_rule(messages, encode):
+    """OpenAI's guidance: 3 per message + tokens of each string value (+1 per name) + 3 priming."""
+    n = 0
+    for m in messages:
+        n += 3
+        for k, v in m.items():
+            if isinstance(v, str):
+                n += len(encode(v))
+                if k == "name":
+                    n += 1
+    return n + 3
+
+
+@pytest.mark.parametrize("encoding_cls", [CharEncoding, BatchCharEncoding])
+def test_injected_encoding_counts_by_openai_rule(encoding_cls):
+    enc = encoding_cls()
+    counter = get_token_counter(encoding=enc)
+    assert counter.name == enc.name and not counter.is_estimate
+    expected = (3 + len("system") + len("あなたはカウンセラーです。")
+                + 3 + len("user") + len("眠れません。")
+                + 3 + len("assistant") + len("それはつらいですね。") + 3)
+    assert counter.count_messages(MESSAGES) == expected == _openai_rule(MESSAGES, enc.encode)
+    assert counter.message_costs(MESSAGES) == [3 + 6 + 13, 3 + 4 + 6, 3 + 9 + 10]
+    assert TOKENS_PER_MESSAGE == 3 and REPLY_PRIMING == 3
+    if encoding_cls is BatchCharEncoding:
+        assert enc.batches > 0
+
+
+def test_weight_is_not_counted_and_name_is():
+    enc = CharEncoding()
+    counter = get_token_counter(encoding=enc)
+    weighted = [MESSAGES[1], {**MESSAGES[2], "weight": 0}]
+    assert counter.count_messages(weighted) == counter.count_messages(MESSAGES[1:])
+    named = [{"role": "user", "name": "taro", "content": "眠れません。"}, MESSAGES[2]]
+    assert counter.count_messages(named) == _openai_rule(named, enc.encode)
+    assert counter.count_messages(named) == counter.count_messages(MESSAGES[1:]) + len("taro") + 1
+
+
+def test_injected_encoding_without_name_is_called_injected():
+    class Anonymous:
+        def encode(self, text):
+            return list(text)
+
+    counter = get_token_counter(encoding=Anonymous())
+    assert counter.name == "injected" and counter.count("abc") == 3
+
+
+def test_total_tokens_sums_examples():
+    counter = TokenCounter(name="chars", encode=lambda s: list(s))
+    assert total_tokens(counter, [MESSAGES, MESSAGES[1:]]) == (
+        counter.count_messages(MESSAGES) + counter.count_messages(MESSAGES[1:]))
+
+
+def test_prepare_data_records_counter_and_token_totals(tmp_path, run):
+    enc = CharEncoding()
+    counter = get_token_counter(encoding=enc)
+    result = run("embedded", tmp_path / "run", token_counter=counter, system_prompt="カウンセラーとして答えてください。")
+    stats = json.loads((tmp_path / "run" / "data" / "stats.json").read_text(encoding="utf-8"))
+    assert stats["token_counter"] == "fake-chars"
+    for name in ("train", "valid", "test"):
+        lines = (tmp_path / "run" / "data" / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()
+        expected = sum(_openai_rule(json.loads(line)["messages"], enc.encode) for line in lines)
+        assert stats["tokens"][name] == expected
+        assert sum(result.example_tokens[name]) == expected
+
+
+def test_prepare_data_offline_records_the_estimate(tmp_path, get_encoding_calls):
+    from kokoro_helpers.data import prepare_data
+
+    t0 = time.monotonic()
+    prepare_data("embedded", run_dir=tmp_path / "run", progress=False)
+    assert time.monotonic() - t0 < 10
+    stats = json.loads((tmp_path / "run" / "data" / "stats.json").read_text(encoding="utf-8"))
+    assert stats["token_counter"].startswith("estimate:")
+    assert get_encoding_calls == []
+
+
+# ---------------------------------------------------------------- tiktoken's cache
+
+
+def test_install_encoding_file_writes_where_tiktoken_reads(tmp_path, monkeypatch):
+    import tiktoken.load
+
+    cache = tmp_path / "tk-cache"
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(cache))
+    assert tiktoken_cache_dir() == cache
+    src = tmp_path / "o200k_base.tiktoken"
+    src.write_bytes(b"IQ== 0\nIg== 1\n")
+    target = install_encoding_file(src)
+    assert target == cache / hashlib.sha1(ENCODING_URL.encode()).hexdigest()
+    assert target.read_bytes() == src.read_bytes()
+    # tiktoken itself finds it there (its download function is disabled by conftest)
+    assert tiktoken.load.read_file_cached(ENCODING_URL) == src.read_bytes()
+
+
+def test_cache_dir_follows_tiktoken_rules(tmp_path, monkeypatch):
+    monkeypatch.delenv("TIKTOKEN_CACHE_DIR")
+    monkeypatch.setenv("DATA_GYM_CACHE_DIR", str(tmp_path / "gym"))
+    assert tiktoken_cache_dir() == tmp_path / "gym"
+
+
+def test_cached_file_is_tried_even_when_offline_flag_is_set(tmp_path, monkeypatch):
+    """With the file installed, the offline flag does not force the estimate."""
+    import tiktoken
+
+    src = tmp_path / "o200k_base.tiktoken"
+    src.write_bytes(b"IQ== 0\n")
+    install_encoding_file(src)
+    calls = []
+
+    class Enc:
+        def encode_ordinary(self, text):
+            return list(text)
+
+        def encode_ordinary_batch(self, texts, num_threads=1):
+            return [list(t) for t in texts]
+
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: calls.append(name) or Enc())
+    monkeypatch.setattr(tokens_mod, "_CACHED", {})
+    counter = get_token_counter(timeout=5)
+    assert calls == [ENCODING] and counter.name == ENCODING
