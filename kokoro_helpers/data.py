@@ -8,6 +8,8 @@ Writes exactly the DESIGN.md contract:
 """
 from __future__ import annotations
 
+import functools
+import gc
 import hashlib
 import json
 import os
@@ -76,6 +78,24 @@ def write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def _cyclic_gc_paused(fn):
+    """Run `fn` with Python's cyclic garbage collector paused (reference counting still frees
+    everything): the data step builds millions of small, acyclic objects that the collector
+    would otherwise re-scan again and again as the heap grows (~15% of the run on the full
+    corpus). The collector's previous state is restored however `fn` ends."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if was_enabled:
+                gc.enable()
+    return wrapper
+
+
+@_cyclic_gc_paused
 def prepare_data(
     dataset_source: str = "embedded",
     run_dir: str | Path = "runs/default",
@@ -204,6 +224,7 @@ def prepare_data(
         "data_sha256": sha,
         "source": dataset_source,
         "seed": seed,
+        "max_samples": max_samples,
         "split_ratios": list(split_ratios),
         "score_range": [lo, hi],
         "system_prompt": system_prompt or None,

@@ -1,0 +1,1577 @@
+"""03_eval: the same items for every model, cached generation, automatic metrics, optional LLM judge.
+
+The steps the notebook calls in turn:
+
+    items = build_eval_items(run_dir, splits=("test", "valid"), max_eval_items=20, seed=42)
+    save_items(items, run_dir)                                   # run_dir/eval/items.jsonl
+    responders = models_from_run(run_dir, extra_endpoints=[{"base_url": ..., "model": ...}])
+    gens = generate_all(items, responders, run_dir)              # cached: a re-run costs nothing
+    ppl = {r.name: r.reference_perplexity(items) for r in responders if isinstance(r, LocalResponder)}
+    metrics = compute_metrics(gens, items, perplexity=ppl)      # one row per model
+    write_metrics(metrics, run_dir); plot_metrics(metrics)
+    # optional, only with a key: judge_scores(...), judge_pairwise(...)
+
+What lives where under `run_dir/eval/`:
+
+    items.jsonl          the evaluation items (item_id, split, context, reference, ...)
+    cache/<model>.jsonl  append-only generation cache, one line per reply, flushed and fsync'd:
+                         keyed by (model, item_id, sha of the generation settings)
+    generations.jsonl    item_id, model, split, response, settings, latency, tokens, ...
+    metrics.csv          one row per model, one column per metric
+    judge/cache.jsonl    append-only cache of LLM-judge answers (they cost money too)
+
+Metrics are computed over characters, which suits Japanese (no word segmenter needed):
+chrF and BLEU come from sacrebleu (`CHRF()`, `BLEU(tokenize="char")`); ROUGE-L over characters
+is implemented here (a plain LCS), because the maintained `rouge-score` package tokenizes with
+an ASCII-only default that turns Japanese into nothing (scores of 0) and would need a custom
+tokenizer plus a new dependency for what is a 20-line dynamic programme.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import itertools
+import json
+import math
+import os
+import random
+import re
+import threading
+import time
+import unicodedata
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
+
+from tqdm.auto import tqdm
+
+from .paths import resolve
+from .schema import SPEAKER_LABEL_JA
+
+Item = dict[str, Any]
+Log = Callable[[str], None] | None
+
+DEFAULT_SPLITS = ("test", "valid")
+DEFAULT_MAX_EVAL_ITEMS = 20            # per split, like the seeds' max_test_cases
+KEEP_MESSAGE_KEYS = ("role", "content", "name")
+
+
+class EvalError(RuntimeError):
+    """A problem with the evaluation's inputs or set-up; the message says what to do."""
+
+
+class GenerationError(EvalError):
+    """Generation failed for one or more models. Every reply obtained before the failure is in the
+    cache: fix the cause and re-run; only the missing replies are generated."""
+
+    def __init__(self, message: str, failures: Mapping[str, BaseException] | None = None):
+        super().__init__(message)
+        self.failures = dict(failures or {})
+
+
+class LocalGenerationUnavailable(EvalError):
+    """kokoro_helpers.generate (04's local generation) is not available in this checkout."""
+
+
+def _say(log: Log, msg: str) -> None:
+    if log is not None:
+        log(msg)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _sha1(obj: Any) -> str:
+    blob = json.dumps(obj, ensure_ascii=False, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha1(blob.encode("utf-8")).hexdigest()
+
+
+def eval_dir(run_dir: str | Path) -> Path:
+    """run_dir/eval (not created)."""
+    return resolve(run_dir) / "eval"
+
+
+# =================================================================================================
+# 1. Evaluation items
+# =================================================================================================
+
+def _clean_message(message: Mapping[str, Any]) -> dict[str, Any]:
+    """A message as a chat API accepts it: role, content (and name), no training-only keys such as
+    `weight`."""
+    return {k: message[k] for k in KEEP_MESSAGE_KEYS if k in message}
+
+
+def make_item_id(split: str, context: Sequence[Mapping[str, Any]], reference: str) -> str:
+    """`<split>:<first 12 hex of sha1(context + reference)>`: the same text gives the same id in
+    every run, whatever the file order or `max_eval_items`; changed text (e.g. another system
+    prompt) gives a new id, so no cached reply is ever reused for a different prompt."""
+    return f"{split}:{_sha1({'context': [_clean_message(m) for m in context], 'reference': reference})[:12]}"
+
+
+def _read_examples(path: Path) -> list[list[dict[str, Any]]]:
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                messages = row["messages"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise EvalError(f"{path}:{lineno} is not a {{\"messages\": [...]}} line ({exc}); "
+                                f"re-run 01_data (prepare_data) to rewrite it") from exc
+            out.append(messages)
+    return out
+
+
+def candidate_items(messages: Sequence[Mapping[str, Any]], split: str, example_index: int = 0,
+                    min_user_turns: int = 1) -> tuple[list[Item], Counter]:
+    """Every assistant turn of one example as an item: the messages before it (system prompt
+    included) are the context, its text the reference. Turns marked `"weight": 0` (context copied
+    from a previous window) are not targets; nor are turns with fewer than `min_user_turns` user
+    messages before them (the counselor's opening greeting answers nothing). Returns the items and
+    a Counter of what was skipped and why."""
+    items: list[Item] = []
+    skipped: Counter = Counter()
+    users = 0
+    for j, msg in enumerate(messages):
+        role = msg.get("role")
+        if role == "user":
+            users += 1
+        if role != "assistant":
+            continue
+        if msg.get("weight", 1) == 0:
+            skipped["weight_0_context_turn"] += 1
+            continue
+        if users < min_user_turns:
+            skipped["no_user_turn_before"] += 1
+            continue
+        reference = msg.get("content")
+        if not isinstance(reference, str) or not reference.strip():
+            skipped["empty_reference"] += 1
+            continue
+        context = [_clean_message(m) for m in messages[:j]]
+        items.append({"item_id": make_item_id(split, context, reference), "split": split,
+                      "context": context, "reference": reference,
+                      "example_index": example_index, "turn_index": j})
+    return items, skipped
+
+
+def build_eval_items(run_dir: str | Path = "runs/default", splits: Sequence[str] = DEFAULT_SPLITS,
+                     max_eval_items: int | None = DEFAULT_MAX_EVAL_ITEMS, seed: int = 42,
+                     min_user_turns: int = 1, log: Log = print) -> list[Item]:
+    """The evaluation items from `run_dir/data/<split>.jsonl`, the same for every model.
+
+    Each assistant (counselor) turn becomes an item `{item_id, split, context, reference,
+    example_index, turn_index}` with the dialogue before it as `context` and the real reply as
+    `reference` (see `candidate_items` for what is skipped). `max_eval_items` is the most items
+    *per split* (the seeds' `max_test_cases`; None = all). The draw is deterministic: candidates
+    are ordered by sha1(seed, item_id) and the first ones kept, so the same seed gives the same
+    items, a larger `max_eval_items` keeps every item of a smaller one (cached replies stay
+    useful), and file order does not matter. Items come back in file order (split, example, turn).
+    """
+    data = resolve(run_dir) / "data"
+    items: list[Item] = []
+    for split in splits:
+        path = data / f"{split}.jsonl"
+        if not path.is_file():
+            raise EvalError(f"{path} not found: run 01_data (kokoro_helpers.data.prepare_data) for this "
+                            f"run_dir first, or drop {split!r} from splits")
+        candidates: dict[str, Item] = {}
+        skipped: Counter = Counter()
+        for k, messages in enumerate(_read_examples(path)):
+            found, why = candidate_items(messages, split, k, min_user_turns)
+            skipped.update(why)
+            for it in found:
+                if it["item_id"] in candidates:
+                    skipped["duplicate_context_and_reply"] += 1
+                else:
+                    candidates[it["item_id"]] = it
+        pool = list(candidates.values())
+        if max_eval_items is not None and len(pool) > int(max_eval_items):
+            pool.sort(key=lambda it: _sha1([seed, it["item_id"]]))
+            pool = pool[: int(max_eval_items)]
+        pool.sort(key=lambda it: (it["example_index"], it["turn_index"]))
+        items.extend(pool)
+        why = ", ".join(f"{r} {n}" for r, n in sorted(skipped.items())) or "none"
+        _say(log, f"{split}: {len(pool)} items drawn (seed {seed}) from {len(candidates)} counselor turns; "
+                  f"not targets: {why}")
+    if not items:
+        raise EvalError(f"no evaluation items in {data} for splits {list(splits)}: "
+                        f"are the split files empty?")
+    return items
+
+
+def describe_items(items: Sequence[Item]):
+    """Per split: items, examples they come from, mean context messages, mean reference length."""
+    import pandas as pd
+    frame = pd.DataFrame([{"split": it["split"], "example": it.get("example_index"),
+                           "context_messages": len(it["context"]),
+                           "reference_chars": len(_chars(it["reference"]))} for it in items])
+    return frame.groupby("split", sort=False).agg(
+        items=("example", "size"), examples=("example", "nunique"),
+        mean_context_messages=("context_messages", "mean"),
+        mean_reference_chars=("reference_chars", "mean")).round(1)
+
+
+def save_items(items: Sequence[Item], run_dir: str | Path) -> Path:
+    """Write the items to run_dir/eval/items.jsonl (atomically) so scoring sessions and later
+    notebooks use exactly the same ones."""
+    from .data import write_jsonl
+    path = eval_dir(run_dir) / "items.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_jsonl(path, list(items))
+    return path
+
+
+def load_items(run_dir: str | Path) -> list[Item]:
+    """The items written by `save_items`."""
+    path = eval_dir(run_dir) / "items.jsonl"
+    if not path.is_file():
+        raise EvalError(f"{path} not found: build the items (build_eval_items + save_items) first")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# =================================================================================================
+# 2. Responders (one interface), retries, concurrency
+# =================================================================================================
+
+OnResult = Callable[[int, str, dict[str, Any]], None]
+
+
+class Responder(Protocol):
+    """What generate_all needs from a model.
+
+    `name` labels its rows (and its cache file); `settings` is everything that changes its replies
+    (its sha is part of the cache key); `respond(items, on_result=None)` returns one reply per
+    item, in order, and should call `on_result(index, text, meta)` as each reply arrives so that
+    replies are cached even if the run is interrupted (`meta`: latency, tokens, ... if known).
+    """
+
+    name: str
+    settings: dict[str, Any]
+
+    def respond(self, items: Sequence[Item], on_result: OnResult | None = None) -> list[str]: ...
+
+
+TRANSIENT_STATUS = (408, 409, 425, 429)
+
+
+def is_transient_error(exc: BaseException) -> bool:
+    """Worth retrying: rate limits (429), timeouts, connection errors and server errors (5xx),
+    from the openai SDK or any client raising the builtin TimeoutError / ConnectionError."""
+    try:
+        import openai
+        if isinstance(exc, (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError,
+                            openai.APIConnectionError)):
+            return True
+        if isinstance(exc, openai.APIStatusError):
+            return exc.status_code in TRANSIENT_STATUS or exc.status_code >= 500
+    except ImportError:  # pragma: no cover - openai is a dependency
+        pass
+    if isinstance(exc, (TimeoutError, ConnectionError)):
+        return True
+    status = getattr(exc, "status_code", None)
+    return isinstance(status, int) and (status in TRANSIENT_STATUS or status >= 500)
+
+
+@dataclass
+class RetryPolicy:
+    """Our own retry around each call, on top of the SDK's `max_retries`: exponential backoff
+    (`base_delay` · 2^k, at most `max_delay`, with jitter) on transient errors, `retries` times."""
+
+    retries: int = 4
+    base_delay: float = 2.0
+    max_delay: float = 60.0
+    sleep: Callable[[float], None] = time.sleep
+
+    def call(self, fn: Callable[[], Any], on_retry: Callable[[BaseException, float], None] | None = None) -> Any:
+        attempt = 0
+        while True:
+            try:
+                return fn()
+            except Exception as exc:
+                if attempt >= self.retries or not is_transient_error(exc):
+                    raise
+                delay = min(self.max_delay, self.base_delay * 2 ** attempt) * (0.5 + random.random() / 2)
+                attempt += 1
+                if on_retry is not None:
+                    on_retry(exc, delay)
+                self.sleep(delay)
+
+
+def run_concurrently(fn: Callable[[Any], Any], inputs: Sequence[Any], concurrency: int = 4,
+                     on_result: Callable[[int, Any], None] | None = None, progress: bool = True,
+                     desc: str = "") -> list[Any]:
+    """fn(x) for every input on at most `concurrency` threads; results in input order.
+
+    Results are handed to `on_result(index, value)` in the calling thread as they complete (so the
+    caller can write them to disk without locks). No more than `concurrency` calls are ever in
+    flight. The first exception stops new work, waits for the calls in flight (their results
+    are still handed over) and is re-raised; so is KeyboardInterrupt."""
+    n = len(inputs)
+    results: list[Any] = [None] * n
+    if n == 0:
+        return results
+    concurrency = max(1, int(concurrency))
+    bar = tqdm(total=n, desc=desc, unit="item", disable=not progress)
+    pending = iter(range(n))
+    error: BaseException | None = None
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        running = {}
+        try:
+            for i in itertools.islice(pending, concurrency):
+                running[pool.submit(fn, inputs[i])] = i
+            while running:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    i = running.pop(fut)
+                    try:
+                        value = fut.result()
+                    except BaseException as exc:  # noqa: BLE001 - re-raised below
+                        error = error or exc
+                        continue
+                    results[i] = value
+                    if on_result is not None:
+                        on_result(i, value)
+                    bar.update(1)
+                    if error is None:
+                        nxt = next(pending, None)
+                        if nxt is not None:
+                            running[pool.submit(fn, inputs[nxt])] = nxt
+        except BaseException:
+            for fut in running:
+                fut.cancel()
+            raise
+        finally:
+            bar.close()
+    if error is not None:
+        raise error
+    return results
+
+
+def _usage_meta(resp: Any) -> dict[str, Any]:
+    usage = getattr(resp, "usage", None)
+    meta: dict[str, Any] = {"prompt_tokens": getattr(usage, "prompt_tokens", None),
+                            "completion_tokens": getattr(usage, "completion_tokens", None)}
+    try:
+        choice = resp.choices[0]
+        meta["finish_reason"] = getattr(choice, "finish_reason", None)
+    except (AttributeError, IndexError, TypeError):
+        pass
+    served = getattr(resp, "model", None)
+    if isinstance(served, str):
+        meta["served_model"] = served
+    return meta
+
+
+def _completion_text(resp: Any) -> str:
+    try:
+        content = resp.choices[0].message.content
+    except (AttributeError, IndexError, TypeError) as exc:
+        raise EvalError(f"the endpoint answered without choices[0].message ({type(resp).__name__})") from exc
+    return content or ""
+
+
+class OpenAIChatResponder:
+    """Replies from an OpenAI chat model (a fine-tuned `ft:...` model) or from any OpenAI-compatible
+    endpoint (vLLM, 04's server): give a client built with that endpoint's `base_url`.
+
+    Calls `client.chat.completions.create` for each item, at most `concurrency` at a time, each
+    retried on transient errors by the SDK (`sdk_max_retries`, when given, via
+    `client.with_options`) and then by our own backoff (`retries`, `base_delay`, `max_delay`).
+    `temperature=0` by default so replies are as repeatable as the service allows; `seed` is
+    passed on when given. `cache_tag` goes into the settings: change it when the model behind a
+    name changed (an endpoint serving a new adapter under the same name)."""
+
+    kind = "openai"
+
+    def __init__(self, client: Any, model: str, *, name: str | None = None, max_tokens: int = 256,
+                 temperature: float = 0.0, top_p: float | None = None, seed: int | None = None,
+                 concurrency: int = 4, retries: int = 4, base_delay: float = 2.0, max_delay: float = 60.0,
+                 sdk_max_retries: int | None = None, timeout: float | None = None,
+                 extra_body: Mapping[str, Any] | None = None, cache_tag: str | None = None,
+                 progress: bool = True, sleep: Callable[[float], None] = time.sleep, log: Log = print):
+        if not model:
+            raise EvalError("OpenAIChatResponder needs a model name")
+        self.client = client
+        self.model = model
+        self.name = name or model
+        self.max_tokens = int(max_tokens)
+        self.temperature = float(temperature)
+        self.top_p = top_p
+        self.seed = seed
+        self.concurrency = max(1, int(concurrency))
+        self.retry = RetryPolicy(retries, base_delay, max_delay, sleep)
+        self.sdk_max_retries = sdk_max_retries
+        self.timeout = timeout
+        self.extra_body = dict(extra_body or {})
+        self.cache_tag = cache_tag
+        self.progress = progress
+        self.log = log
+
+    @property
+    def base_url(self) -> str:
+        return str(getattr(self.client, "base_url", "") or "")
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        s = {"kind": "chat.completions", "model": self.model, "base_url": self.base_url,
+             "max_tokens": self.max_tokens, "temperature": self.temperature}
+        for key in ("top_p", "seed", "cache_tag"):
+            if getattr(self, key) is not None:
+                s[key] = getattr(self, key)
+        if self.extra_body:
+            s["extra_body"] = self.extra_body
+        return s
+
+    def _client(self) -> Any:
+        opts = {}
+        if self.sdk_max_retries is not None:
+            opts["max_retries"] = int(self.sdk_max_retries)
+        if self.timeout is not None:
+            opts["timeout"] = self.timeout
+        if opts and hasattr(self.client, "with_options"):
+            return self.client.with_options(**opts)
+        return self.client
+
+    def request(self, messages: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """The keyword arguments of one chat.completions.create call."""
+        kwargs: dict[str, Any] = {"model": self.model, "messages": [_clean_message(m) for m in messages],
+                                  "max_tokens": self.max_tokens, "temperature": self.temperature}
+        if self.top_p is not None:
+            kwargs["top_p"] = self.top_p
+        if self.seed is not None:
+            kwargs["seed"] = self.seed
+        if self.extra_body:
+            kwargs["extra_body"] = self.extra_body
+        return kwargs
+
+    def _one(self, item: Item) -> tuple[str, dict[str, Any]]:
+        client = self._client()
+        kwargs = self.request(item["context"])
+        retries = []
+
+        def note(exc: BaseException, delay: float) -> None:
+            retries.append(type(exc).__name__)
+            _say(self.log, f"{self.name}: transient {type(exc).__name__} "
+                           f"({getattr(exc, 'status_code', '') or 'no status'}) on {item['item_id']}; "
+                           f"retry {len(retries)}/{self.retry.retries} in {delay:.1f}s")
+
+        t0 = time.perf_counter()
+        resp = self.retry.call(lambda: client.chat.completions.create(**kwargs), on_retry=note)
+        meta = {"latency_s": round(time.perf_counter() - t0, 3), **_usage_meta(resp)}
+        if retries:
+            meta["retries"] = len(retries)
+        return _completion_text(resp), meta
+
+    def respond(self, items: Sequence[Item], on_result: OnResult | None = None) -> list[str]:
+        def handed(i: int, value: tuple[str, dict[str, Any]]) -> None:
+            if on_result is not None:
+                on_result(i, value[0], value[1])
+
+        out = run_concurrently(self._one, list(items), self.concurrency, handed, self.progress,
+                               desc=f"generate {self.name}")
+        return [text for text, _ in out]
+
+    def __repr__(self) -> str:
+        return f"OpenAIChatResponder(name={self.name!r}, base_url={self.base_url!r})"
+
+
+def _generate_module() -> Any:
+    try:
+        return importlib.import_module("kokoro_helpers.generate")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("kokoro_helpers.generate", None):
+            raise
+        raise LocalGenerationUnavailable(
+            "local generation needs kokoro_helpers.generate (04_local_lora_inference: batch_generate, "
+            "load_model), which this checkout does not have yet. Meanwhile evaluate the adapter through "
+            "an OpenAI-compatible server (extra_endpoints=[{'base_url': 'http://127.0.0.1:8000/v1', "
+            "'model': ...}]), or pass model=, tokenizer= and generate_fn= to LocalResponder.") from exc
+
+
+def _file_sha256(path: Path, limit: int = 1 << 30) -> str | None:
+    if not path.is_file() or path.stat().st_size > limit:
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve_adapter_path(card: Mapping[str, Any], card_path: str | Path | None = None) -> Path | None:
+    """The adapter folder of a local_lora card: `adapter_path` as absolute, relative to the card's
+    folder, or relative to the project root; else `<models>/<card name>/`. None if none exists."""
+    candidates: list[Path] = []
+    raw = card.get("adapter_path")
+    if raw:
+        p = Path(str(raw)).expanduser()
+        candidates.append(p)
+        if not p.is_absolute():
+            if card_path is not None:
+                candidates.append(Path(card_path).parent / p)
+            candidates.append(resolve(p))
+    if card_path is not None:
+        candidates.append(Path(card_path).with_suffix(""))
+    return next((c for c in candidates if c.is_dir()), None)
+
+
+class LocalResponder:
+    """Replies from a local model: a `local_lora` card (its adapter, or with `base_only=True` its
+    base model as a baseline), a card file, or a model folder.
+
+    The model is loaded lazily, on the first `respond` (a fully cached run never loads it), by
+    `loader(card_or_path, base_only=...) -> (model, tokenizer)` — by default
+    `kokoro_helpers.generate.load_model` — and replies come from
+    `generate_fn(model, tokenizer, list_of_messages, max_new_tokens=..., temperature=..., ...)` —
+    by default `kokoro_helpers.generate.batch_generate` (04's batched generation) — called on
+    chunks of `batch_size` so each chunk is cached as soon as it is done. Pass `model=` and
+    `tokenizer=` to use an already loaded model."""
+
+    kind = "local"
+
+    def __init__(self, card_or_path: Any, *, name: str | None = None, base_only: bool = False,
+                 max_new_tokens: int = 256, temperature: float = 0.0, top_p: float | None = None,
+                 seed: int | None = None, batch_size: int = 8, model: Any = None, tokenizer: Any = None,
+                 loader: Callable[..., tuple[Any, Any]] | None = None,
+                 generate_fn: Callable[..., Sequence[Any]] | None = None, cache_tag: str | None = None,
+                 progress: bool = True, **generate_kwargs: Any):
+        self.card_path: Path | None = None
+        self.card: dict[str, Any] | None = None
+        if isinstance(card_or_path, Mapping):
+            self.card = dict(card_or_path)
+        elif isinstance(card_or_path, (str, Path)) and str(card_or_path).endswith(".json"):
+            from .cards import load_card
+            self.card_path = Path(card_or_path)
+            self.card = load_card(self.card_path)
+        self.source = card_or_path
+        self.base_only = bool(base_only)
+        if name is None:
+            if self.card is not None:
+                name = (f"{self.card.get('base_model')} (base)" if self.base_only
+                        else str(self.card.get("model_id")))
+            else:
+                name = Path(str(card_or_path)).name or str(card_or_path)
+        self.name = name
+        self.max_new_tokens = int(max_new_tokens)
+        self.temperature = float(temperature)
+        self.top_p = top_p
+        self.seed = seed
+        self.batch_size = max(1, int(batch_size))
+        self.model, self.tokenizer = model, tokenizer
+        self.loader = loader
+        self.generate_fn = generate_fn
+        self.cache_tag = cache_tag
+        self.progress = progress
+        self.generate_kwargs = generate_kwargs
+        self._fingerprint: str | None = None
+
+    def fingerprint(self) -> str:
+        """What identifies the weights: the adapter file's sha256 (a retrained adapter under the same
+        name gets new cache keys), else the card's timestamp, else the source's name."""
+        if self._fingerprint is None:
+            fp = None
+            if self.card is not None and self.base_only:
+                fp = f"base:{self.card.get('base_model')}"
+            elif self.card is not None:
+                folder = resolve_adapter_path(self.card, self.card_path)
+                sha = _file_sha256(folder / "adapter_model.safetensors") if folder else None
+                fp = f"adapter-sha256:{sha}" if sha else f"card:{self.card.get('model_id')}@{self.card.get('timestamp')}"
+            else:
+                path = Path(str(self.source))
+                weights = next(iter(sorted(path.glob("*.safetensors"))), None) if path.is_dir() else None
+                sha = _file_sha256(weights) if weights else None
+                fp = f"weights-sha256:{sha}" if sha else f"source:{self.source}"
+            self._fingerprint = fp
+        return self._fingerprint
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        s: dict[str, Any] = {"kind": "local", "weights": self.fingerprint(), "base_only": self.base_only,
+                             "max_new_tokens": self.max_new_tokens, "temperature": self.temperature}
+        for key in ("top_p", "seed", "cache_tag"):
+            if getattr(self, key) is not None:
+                s[key] = getattr(self, key)
+        if self.generate_kwargs:
+            s["generate_kwargs"] = self.generate_kwargs
+        return s
+
+    def load(self) -> tuple[Any, Any]:
+        """(model, tokenizer), loaded once."""
+        if self.model is None or self.tokenizer is None:
+            loader = self.loader
+            if loader is None:
+                gen = _generate_module()
+                loader = getattr(gen, "load_model", None)
+                if loader is None:
+                    raise LocalGenerationUnavailable(
+                        "kokoro_helpers.generate has no load_model(card_or_path, base_only=...): "
+                        "pass loader= (or model= and tokenizer=) to LocalResponder")
+            source = self.card_path if self.card_path is not None else (self.card or self.source)
+            self.model, self.tokenizer = loader(source, base_only=self.base_only)
+        return self.model, self.tokenizer
+
+    def _generate_fn(self) -> Callable[..., Sequence[Any]]:
+        if self.generate_fn is None:
+            gen = _generate_module()
+            fn = getattr(gen, "batch_generate", None)
+            if fn is None:
+                raise LocalGenerationUnavailable("kokoro_helpers.generate has no batch_generate(model, "
+                                                 "tokenizer, messages, max_new_tokens, temperature, ...)")
+            self.generate_fn = fn
+        return self.generate_fn
+
+    def respond(self, items: Sequence[Item], on_result: OnResult | None = None) -> list[str]:
+        items = list(items)
+        if not items:
+            return []
+        fn = self._generate_fn()
+        model, tokenizer = self.load()
+        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature,
+                                  **self.generate_kwargs}
+        if self.top_p is not None:
+            kwargs["top_p"] = self.top_p
+        if self.seed is not None:
+            kwargs["seed"] = self.seed
+        out: list[str] = []
+        bar = tqdm(total=len(items), desc=f"generate {self.name}", unit="item", disable=not self.progress)
+        try:
+            for start in range(0, len(items), self.batch_size):
+                chunk = items[start:start + self.batch_size]
+                t0 = time.perf_counter()
+                replies = fn(model, tokenizer, [it["context"] for it in chunk], **kwargs)
+                took = time.perf_counter() - t0
+                replies = list(replies)
+                if len(replies) != len(chunk):
+                    raise EvalError(f"{self.name}: generate_fn returned {len(replies)} replies for {len(chunk)} prompts")
+                for k, reply in enumerate(replies):
+                    text = reply if isinstance(reply, str) else getattr(reply, "text", None)
+                    if text is None and isinstance(reply, Mapping):
+                        text = reply.get("text", reply.get("response"))
+                    if not isinstance(text, str):
+                        raise EvalError(f"{self.name}: generate_fn returned {type(reply).__name__}, not text")
+                    out.append(text)
+                    if on_result is not None:
+                        on_result(start + k, text, {"batch_latency_s": round(took, 3), "batch_size": len(chunk)})
+                bar.update(len(chunk))
+        finally:
+            bar.close()
+        return out
+
+    def reference_perplexity(self, items: Sequence[Item], **kwargs: Any) -> dict[str, Any]:
+        """`perplexity_of_references` with this responder's model (loads it if needed)."""
+        model, tokenizer = self.load()
+        return perplexity_of_references(model, tokenizer, items, desc=f"perplexity {self.name}", **kwargs)
+
+    def __repr__(self) -> str:
+        return f"LocalResponder(name={self.name!r}, base_only={self.base_only})"
+
+
+def default_client(max_retries: int = 5, timeout: float = 120.0, log: Log = print) -> Any | None:
+    """An OpenAI client when OPENAI_API_KEY is set (environment or .env), else None (and a note).
+    The key is read by the SDK from the environment; it is never a parameter."""
+    from . import openai_ft
+    if not openai_ft.has_api_key():
+        _say(log, f"{openai_ft.ENV_KEY} is not set (environment or .env): OpenAI models are skipped.")
+        return None
+    return openai_ft.make_client(max_retries=max_retries, timeout=timeout)
+
+
+def endpoint_client(base_url: str, api_key_env: str | None = None, max_retries: int = 2,
+                    timeout: float = 300.0) -> Any:
+    """An `openai.OpenAI` client for an OpenAI-compatible server (vLLM, 04's server). Its key is read
+    from the environment variable `api_key_env` when given, else the placeholder "EMPTY" (local
+    servers need none; OPENAI_API_KEY is deliberately not sent to a third-party URL)."""
+    import openai
+    key = os.environ.get(api_key_env, "") if api_key_env else ""
+    if api_key_env and not key:
+        raise EvalError(f"endpoint {base_url}: environment variable {api_key_env} is not set")
+    return openai.OpenAI(base_url=base_url, api_key=key or "EMPTY", max_retries=max_retries, timeout=timeout)
+
+
+def models_from_run(run_dir: str | Path = "runs/default", include_base: bool = True,
+                    extra_endpoints: Iterable[Mapping[str, Any]] = (), *, client: Any = None,
+                    include_openai_base: bool = False, max_tokens: int = 256, temperature: float = 0.0,
+                    seed: int | None = None, concurrency: int = 4, local_batch_size: int = 8,
+                    progress: bool = True, log: Log = print) -> list[Any]:
+    """What to evaluate, as responders:
+
+    * every card in run_dir/models (`cards.list_cards`): kind `openai` → its fine-tuned model
+      through `client` (default: `default_client()` when OPENAI_API_KEY is set; without one these
+      cards are skipped with a note), and with `include_openai_base` its base model too; cards
+      whose job has no model yet are skipped with a note. Kind `local_lora` → its adapter and,
+      with `include_base`, its base model as a baseline (once per base);
+    * every endpoint in `extra_endpoints`: `{"base_url": ..., "model": ..., "name": optional,
+      "api_key_env": optional (the variable holding its key), "cache_tag": optional, "client":
+      optional ready-made client}`.
+    Generation settings (`max_tokens`, `temperature`, `seed`) are the same for every model."""
+    from .cards import list_cards
+    responders: list[Any] = []
+    seen: set[str] = set()
+
+    def add(r: Any) -> None:
+        if r.name in seen:
+            _say(log, f"skipped a second model named {r.name!r}")
+            return
+        seen.add(r.name)
+        responders.append(r)
+
+    common = dict(temperature=temperature, seed=seed, progress=progress)
+    cards_found = list_cards(run_dir)
+    openai_client = client
+    if openai_client is None and any(c.get("kind") == "openai" for _, c in cards_found):
+        openai_client = default_client(log=log)
+    for path, card in cards_found:
+        kind = card.get("kind")
+        if kind == "openai":
+            if not card.get("model_id"):
+                _say(log, f"skipped {path.name}: its job ({card.get('job_id')}) has no model yet "
+                          f"(status {card.get('status')}); resume it in 02_finetune")
+                continue
+            if openai_client is None:
+                _say(log, f"skipped {card['model_id']} ({path.name}): no OpenAI client (set OPENAI_API_KEY)")
+                continue
+            add(OpenAIChatResponder(openai_client, card["model_id"], max_tokens=max_tokens,
+                                    concurrency=concurrency, log=log, **common))
+            if include_openai_base and card.get("base_model"):
+                add(OpenAIChatResponder(openai_client, card["base_model"], name=f"{card['base_model']} (base)",
+                                        max_tokens=max_tokens, concurrency=concurrency, log=log, **common))
+        elif kind == "local_lora":
+            add(LocalResponder(path, max_new_tokens=max_tokens, batch_size=local_batch_size, **common))
+            if include_base and card.get("base_model"):
+                base = LocalResponder(path, base_only=True, max_new_tokens=max_tokens,
+                                      batch_size=local_batch_size, **common)
+                if base.name not in seen:
+                    add(base)
+        else:
+            _say(log, f"skipped {path.name}: unknown kind {kind!r}")
+    for ep in extra_endpoints or ():
+        if not ep.get("base_url") or not ep.get("model"):
+            raise EvalError(f"an endpoint needs base_url and model, got {dict(ep)!r}")
+        ep_client = ep.get("client") or endpoint_client(ep["base_url"], ep.get("api_key_env"))
+        add(OpenAIChatResponder(ep_client, ep["model"], name=ep.get("name") or f"{ep['model']} @ {ep['base_url']}",
+                                max_tokens=max_tokens, concurrency=concurrency, cache_tag=ep.get("cache_tag"),
+                                log=log, **common))
+    _say(log, f"{len(responders)} model(s) to evaluate: " + (", ".join(r.name for r in responders) or "none"))
+    return responders
+
+
+# =================================================================================================
+# 2b. Cache and generate_all
+# =================================================================================================
+
+def settings_sha(settings: Mapping[str, Any]) -> str:
+    """12 hex of sha1 of the canonical JSON of the generation settings."""
+    return _sha1(dict(settings))[:12]
+
+
+class JsonlCache:
+    """Append-only JSON-lines store: each `append` writes one line, flushed and fsync'd, so an
+    interrupted run keeps every line written. A torn last line (a kill mid-write) is skipped on
+    reading and never glued to the next one."""
+
+    def __init__(self, path: str | Path, key_fields: Sequence[str]):
+        self.path = Path(path)
+        self.key_fields = tuple(key_fields)
+        self._lock = threading.Lock()
+        self.bad_lines = 0
+
+    def key(self, row: Mapping[str, Any]) -> tuple:
+        return tuple(row.get(k) for k in self.key_fields)
+
+    def load(self) -> dict[tuple, dict[str, Any]]:
+        """key -> row (the latest line wins)."""
+        rows: dict[tuple, dict[str, Any]] = {}
+        self.bad_lines = 0
+        if not self.path.is_file():
+            return rows
+        with open(self.path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    self.bad_lines += 1
+                    continue
+                if isinstance(row, dict):
+                    rows[self.key(row)] = row
+        return rows
+
+    def append(self, row: Mapping[str, Any]) -> None:
+        line = json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n"
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a+b") as f:
+                if f.tell() > 0:
+                    f.seek(-1, os.SEEK_END)
+                    if f.read(1) != b"\n":       # a torn line from a killed run: end it first
+                        f.write(b"\n")
+                f.write(line.encode("utf-8"))
+                f.flush()
+                os.fsync(f.fileno())
+
+
+GEN_KEY = ("model", "item_id", "settings_sha")
+
+
+def _slug(name: str) -> str:
+    from .cards import slugify
+    return slugify(name)
+
+
+def generation_cache(run_dir: str | Path, model_name: str) -> JsonlCache:
+    """The cache file of one model: run_dir/eval/cache/<slug of the name>.jsonl."""
+    return JsonlCache(eval_dir(run_dir) / "cache" / f"{_slug(model_name)}.jsonl", GEN_KEY)
+
+
+def _accepts_on_result(fn: Callable[..., Any]) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return "on_result" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def generate_all(items: Sequence[Item], responders: Sequence[Any], run_dir: str | Path = "runs/default", *,
+                 strict: bool = True, log: Log = print):
+    """Every responder's reply to every item, from the cache where possible.
+
+    For each responder the cache (run_dir/eval/cache/<model>.jsonl, keyed by model name, item_id
+    and the sha of its `settings`) is read first; only the missing items go to `respond`, and
+    each reply is appended to the cache the moment it arrives, so an interrupted run keeps what
+    it got and the next run generates only the rest. A fully cached responder is not called at
+    all. A failing responder does not stop the others; with `strict` a GenerationError naming
+    every failure is raised at the end (after generations.jsonl is written with what exists).
+
+    Writes run_dir/eval/generations.jsonl — rewritten on each call with exactly these items ×
+    these responders (so pass every model each time; the cache keeps the rest) — one row per
+    (item, model) that has a reply:
+    item_id, model, split, response, settings_sha, settings, cached (true when it came from an
+    earlier run), time, and what is known of latency_s / prompt_tokens / completion_tokens /
+    finish_reason — and returns the same rows as a DataFrame.
+    """
+    import pandas as pd
+    from .data import write_jsonl
+
+    items = list(items)
+    ids = [it["item_id"] for it in items]
+    if len(set(ids)) != len(ids):
+        raise EvalError("item_ids are not unique: build the items with build_eval_items")
+    names = [r.name for r in responders]
+    if len(set(names)) != len(names):
+        raise EvalError(f"two responders share a name ({names}): give each a distinct name=")
+    rows: list[dict[str, Any]] = []
+    failures: dict[str, BaseException] = {}
+    for responder in responders:
+        settings = dict(responder.settings)
+        sha = settings_sha(settings)
+        cache = generation_cache(run_dir, responder.name)
+        have = cache.load()
+        if cache.bad_lines:
+            _say(log, f"{responder.name}: skipped {cache.bad_lines} unreadable line(s) in {cache.path} "
+                      f"(a run killed mid-write); those replies will be generated again")
+        found = {it["item_id"]: have.get((responder.name, it["item_id"], sha)) for it in items}
+        missing = [it for it in items if found[it["item_id"]] is None]
+        _say(log, f"{responder.name}: {len(items) - len(missing)} cached, {len(missing)} to generate")
+        fresh: dict[str, dict[str, Any]] = {}
+
+        def on_result(i: int, text: str, meta: Mapping[str, Any] | None = None,
+                      _missing=missing, _cache=cache, _fresh=fresh, _name=responder.name,
+                      _sha=sha, _settings=settings) -> None:
+            it = _missing[i]
+            if it["item_id"] in _fresh:
+                return
+            row = {"model": _name, "item_id": it["item_id"], "settings_sha": _sha, "split": it["split"],
+                   "response": text, "settings": _settings, "time": _now(), **dict(meta or {})}
+            _cache.append(row)
+            _fresh[it["item_id"]] = row
+
+        if missing:
+            try:
+                if _accepts_on_result(responder.respond):
+                    replies = responder.respond(missing, on_result=on_result)
+                else:
+                    replies = responder.respond(missing)
+                replies = list(replies or [])
+                if len(replies) != len(missing):
+                    raise EvalError(f"{responder.name}: respond() returned {len(replies)} replies for "
+                                    f"{len(missing)} items")
+                for i, text in enumerate(replies):   # responders that do not call on_result
+                    on_result(i, text, None)
+            except (KeyboardInterrupt, SystemExit):
+                _say(log, f"{responder.name}: interrupted; {len(fresh)} new replies are cached, "
+                          f"re-run to generate the rest")
+                raise
+            except Exception as exc:  # noqa: BLE001 - reported below, the other models still run
+                failures[responder.name] = exc
+                _say(log, f"{responder.name}: FAILED after {len(fresh)} of {len(missing)} new replies "
+                          f"({type(exc).__name__}: {exc}); what it got is cached")
+        for it in items:
+            cached_row = found[it["item_id"]]
+            row = cached_row if cached_row is not None else fresh.get(it["item_id"])
+            if row is None:
+                continue
+            out = dict(row)
+            out["split"] = it["split"]
+            out["cached"] = cached_row is not None
+            rows.append(out)
+    path = eval_dir(run_dir) / "generations.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_jsonl(path, rows)
+    _say(log, f"wrote {len(rows)} generations to {path}")
+    if failures and strict:
+        detail = "; ".join(f"{n}: {type(e).__name__}: {e}" for n, e in failures.items())
+        raise GenerationError(f"generation failed for {len(failures)} model(s) — {detail}. Every reply "
+                              f"obtained is cached: fix the cause and re-run generate_all.", failures)
+    frame = pd.DataFrame(rows)
+    frame.attrs["failures"] = {n: f"{type(e).__name__}: {e}" for n, e in failures.items()}
+    return frame
+
+
+def load_generations(run_dir: str | Path):
+    """run_dir/eval/generations.jsonl as a DataFrame."""
+    import pandas as pd
+    path = eval_dir(run_dir) / "generations.jsonl"
+    if not path.is_file():
+        raise EvalError(f"{path} not found: run generate_all first")
+    return pd.read_json(path, lines=True, dtype={"item_id": str, "model": str, "response": str})
+
+
+def scoring_items(generations: Any, items: Sequence[Item]) -> list[dict[str, Any]]:
+    """`{item_id, model, context, reference, response}` per generation: the manual scoring widget's
+    input (kokoro_helpers.scoring.ScoringWidget)."""
+    by_id = {it["item_id"]: it for it in items}
+    out = []
+    for row in _generation_rows(generations):
+        it = by_id.get(row["item_id"])
+        if it is not None:
+            response = row.get("response")
+            out.append({"item_id": it["item_id"], "model": row["model"], "split": it["split"],
+                        "context": it["context"], "reference": it["reference"],
+                        "response": response if isinstance(response, str) else ""})
+    return out
+
+
+# =================================================================================================
+# 3. Automatic metrics (character level)
+# =================================================================================================
+
+_WS = re.compile(r"\s+")
+
+
+def _chars(text: str) -> str:
+    """The characters metrics count: the text with all whitespace removed (spaces and line breaks
+    carry no meaning in Japanese replies)."""
+    return _WS.sub("", text or "")
+
+
+def lcs_length(a: Sequence[Any], b: Sequence[Any]) -> int:
+    """Length of the longest common subsequence (O(len(a)·len(b)) time, O(len(b)) memory)."""
+    if len(a) < len(b):
+        a, b = b, a
+    if not b:
+        return 0
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b, 1):
+            cur.append(prev[j - 1] + 1 if x == y else max(prev[j], cur[j - 1]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l(hypothesis: str, reference: str) -> dict[str, float]:
+    """ROUGE-L over characters (whitespace removed): P = LCS/len(hyp), R = LCS/len(ref),
+    F = 2PR/(P+R) (the F1 that rouge-score reports). Empty strings score 0."""
+    h, r = _chars(hypothesis), _chars(reference)
+    lcs = lcs_length(h, r)
+    if lcs == 0:
+        return {"precision": 0.0, "recall": 0.0, "f": 0.0}
+    p, rec = lcs / len(h), lcs / len(r)
+    return {"precision": p, "recall": rec, "f": 2 * p * rec / (p + rec)}
+
+
+def distinct_n(texts: Iterable[str], n: int) -> float:
+    """Distinct-n over characters (Li et al., 2016): unique n-grams / all n-grams, pooled over all
+    texts (whitespace removed, n-grams never cross texts). NaN when there are no n-grams."""
+    total = 0
+    unique: set[str] = set()
+    for text in texts:
+        s = _chars(text)
+        grams = [s[i:i + n] for i in range(len(s) - n + 1)]
+        total += len(grams)
+        unique.update(grams)
+    return len(unique) / total if total else float("nan")
+
+
+def chrf(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus chrF (sacrebleu defaults: character 6-grams, β=2, whitespace ignored), 0..100."""
+    from sacrebleu.metrics import CHRF
+    return float(CHRF().corpus_score(list(hypotheses), [list(references)]).score)
+
+
+def bleu_char(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus BLEU over characters (sacrebleu, tokenize="char": every character a token, 4-grams,
+    whitespace dropped), 0..100."""
+    from sacrebleu.metrics import BLEU
+    return float(BLEU(tokenize="char").corpus_score(list(hypotheses), [list(references)]).score)
+
+
+def metric_signatures() -> dict[str, str]:
+    """sacrebleu's signatures of the chrF and BLEU used here (quote them with the numbers)."""
+    from sacrebleu.metrics import BLEU, CHRF
+    out = {}
+    for name, metric in (("chrF", CHRF()), ("BLEU_char", BLEU(tokenize="char"))):
+        metric.corpus_score(["あ"], [["あ"]])        # sacrebleu knows the signature only after a use
+        out[name] = str(metric.get_signature())
+    return out
+
+
+METRIC_DESCRIPTIONS = {
+    "n_items": "items with a reply",
+    "chrF": "corpus chrF vs the real reply (sacrebleu, char 6-grams, β=2), 0-100",
+    "BLEU_char": "corpus BLEU over characters (sacrebleu tokenize='char'), 0-100",
+    "ROUGE_L_char": "mean ROUGE-L F1 over characters (LCS), 0-1",
+    "length_chars": "mean reply length in characters (whitespace removed)",
+    "ref_length_chars": "mean length of the real replies to the same items",
+    "distinct_1": "unique character unigrams / all, pooled over replies",
+    "distinct_2": "unique character bigrams / all, pooled over replies",
+    "empty_replies": "replies with no characters",
+    "ref_nll": "local models: mean token NLL of the real reply given the context (nats)",
+    "ref_ppl": "local models: perplexity of the real reply, exp(ref_nll)",
+    "ref_tokens": "local models: reference tokens scored",
+}
+
+
+def _generation_rows(generations: Any) -> list[dict[str, Any]]:
+    if generations is None:
+        return []
+    if hasattr(generations, "to_dict"):
+        return generations.to_dict("records")
+    if isinstance(generations, (str, Path)):
+        path = Path(generations)
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [dict(r) for r in generations]
+
+
+def _metric_row(hyps: list[str], refs: list[str]) -> dict[str, Any]:
+    return {
+        "n_items": len(hyps),
+        "chrF": chrf(hyps, refs),
+        "BLEU_char": bleu_char(hyps, refs),
+        "ROUGE_L_char": sum(rouge_l(h, r)["f"] for h, r in zip(hyps, refs)) / len(hyps),
+        "length_chars": sum(len(_chars(h)) for h in hyps) / len(hyps),
+        "ref_length_chars": sum(len(_chars(r)) for r in refs) / len(refs),
+        "distinct_1": distinct_n(hyps, 1),
+        "distinct_2": distinct_n(hyps, 2),
+        "empty_replies": sum(1 for h in hyps if not _chars(h)),
+    }
+
+
+def _perplexity_columns(result: Mapping[str, Any], item_ids: Sequence[str] | None) -> dict[str, Any]:
+    """ref_nll / ref_ppl / ref_tokens of a perplexity result, restricted to `item_ids` (token-
+    weighted) when the result has per-item values, else its overall figures."""
+    per_item = result.get("per_item")
+    if item_ids is not None and isinstance(per_item, Mapping) and per_item:
+        parts = [per_item[i] for i in item_ids if i in per_item]
+        tokens = sum(p["tokens"] for p in parts)
+        if not tokens:
+            return {"ref_nll": float("nan"), "ref_ppl": float("nan"), "ref_tokens": 0}
+        nll = sum(p["nll"] * p["tokens"] for p in parts) / tokens
+        return {"ref_nll": nll, "ref_ppl": math.exp(nll), "ref_tokens": tokens}
+    return {"ref_nll": result.get("ref_nll"), "ref_ppl": result.get("ref_ppl"), "ref_tokens": result.get("ref_tokens")}
+
+
+def compute_metrics(generations: Any, items: Sequence[Item], *, perplexity: Mapping[str, Mapping[str, Any]] | None = None,
+                    by: str | None = None, include_reference: bool = False):
+    """Automatic metrics, one row per model (index `model`), one column per metric
+    (see METRIC_DESCRIPTIONS). `generations`: generate_all's DataFrame, its rows, or the path of
+    generations.jsonl; only rows whose item_id is in `items` count. `perplexity`:
+    {model name: perplexity_of_references(...)} adds ref_nll / ref_ppl / ref_tokens over the
+    same items (NaN for models without one). `by="split"`: one row per (model, split) instead.
+    `include_reference`: a row "(reference)" with the real replies' own length and distinct-n
+    (its overlap metrics are NaN). Every model is scored against the same references; a model
+    with fewer replies than others shows it in n_items."""
+    import pandas as pd
+    if by not in (None, "split"):
+        raise ValueError(f"by must be None or 'split', got {by!r}")
+    by_id = {it["item_id"]: it for it in items}
+    groups: dict[tuple, tuple[list[str], list[str], list[str]]] = {}
+    for row in _generation_rows(generations):
+        it = by_id.get(row.get("item_id"))
+        if it is None:
+            continue
+        key = (row["model"], it["split"]) if by == "split" else (row["model"],)
+        hyps, refs, ids = groups.setdefault(key, ([], [], []))
+        response = row.get("response")
+        hyps.append(response if isinstance(response, str) else "")
+        refs.append(it["reference"])
+        ids.append(it["item_id"])
+    if not groups:
+        raise EvalError("no generation matches these items: run generate_all on the same items")
+    records = []
+    for key, (hyps, refs, ids) in groups.items():
+        rec = {"model": key[0], **({"split": key[1]} if by == "split" else {}), **_metric_row(hyps, refs)}
+        if perplexity:
+            result = perplexity.get(key[0])
+            if result:
+                rec.update(_perplexity_columns(result, [i for i in by_id if by is None or by_id[i]["split"] == key[1]]))
+            else:
+                rec.update({"ref_nll": float("nan"), "ref_ppl": float("nan"), "ref_tokens": float("nan")})
+        records.append(rec)
+    if include_reference:
+        splits = sorted({it["split"] for it in items}) if by == "split" else [None]
+        for split in splits:
+            refs = [it["reference"] for it in items if split is None or it["split"] == split]
+            rec = {"model": "(reference)", **({"split": split} if by == "split" else {}),
+                   "n_items": len(refs), "chrF": float("nan"), "BLEU_char": float("nan"),
+                   "ROUGE_L_char": float("nan"), "length_chars": sum(len(_chars(r)) for r in refs) / len(refs),
+                   "ref_length_chars": sum(len(_chars(r)) for r in refs) / len(refs),
+                   "distinct_1": distinct_n(refs, 1), "distinct_2": distinct_n(refs, 2),
+                   "empty_replies": sum(1 for r in refs if not _chars(r))}
+            records.append(rec)
+    frame = pd.DataFrame(records)
+    frame = frame.set_index(["model", "split"] if by == "split" else "model")
+    frame.attrs["signatures"] = metric_signatures()
+    return frame
+
+
+def write_metrics(df: Any, run_dir: str | Path, name: str = "metrics.csv") -> Path:
+    """Write the metrics table to run_dir/eval/<name> (atomically)."""
+    path = eval_dir(run_dir) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    df.to_csv(tmp, float_format="%.6g")
+    os.replace(tmp, path)
+    return path
+
+
+def plot_metrics(df: Any, metrics: Sequence[str] | None = None, ncols: int = 3):
+    """One horizontal bar chart per metric, one bar per model (labels in English so no CJK font is
+    needed). Returns the matplotlib figure."""
+    import matplotlib.pyplot as plt
+    default = ["chrF", "BLEU_char", "ROUGE_L_char", "length_chars", "distinct_1", "distinct_2", "ref_ppl"]
+    metrics = [m for m in (metrics or default) if m in df.columns and df[m].notna().any()]
+    if not metrics:
+        raise EvalError("no metric column to plot")
+    ncols = max(1, min(ncols, len(metrics)))
+    nrows = math.ceil(len(metrics) / ncols)
+    labels = [" / ".join(map(str, i)) if isinstance(i, tuple) else str(i) for i in df.index]
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 0.5 * len(labels) * nrows + 1.8 * nrows),
+                             squeeze=False)
+    for ax, metric in zip(axes.flat, metrics):
+        pairs = [(lab, float(v)) for lab, v in zip(labels, df[metric].astype(float)) if not math.isnan(v)]
+        names, values = [p[0] for p in pairs], [p[1] for p in pairs]   # rows without this metric left out
+        ax.barh(names[::-1], values[::-1], color="#4c72b0")
+        ax.set_title(metric)
+        ax.set_xlabel(METRIC_DESCRIPTIONS.get(metric, metric), fontsize=8)
+        ax.tick_params(axis="y", labelsize=8)
+        for y, v in enumerate(values[::-1]):
+            ax.annotate(f"{v:.3g}", (v, y), xytext=(2, 0), textcoords="offset points", va="center", fontsize=7)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
+def _forward_kept_logits(model: Any, ids: Any, mask: Any, keep: int) -> Any:
+    """Logits of the last `keep` positions of a left-padded batch. Position ids follow the mask
+    (so padding does not shift positions); `logits_to_keep` spares the (batch × length × vocab)
+    logits where the model supports it, else the full logits are sliced."""
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    try:
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep)
+    except TypeError:
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions)
+    logits = out.logits
+    return logits[:, -keep:] if logits.shape[1] != keep else logits
+
+
+def perplexity_of_references(model: Any, tokenizer: Any, items: Sequence[Item], *, batch_size: int = 8,
+                             max_length: int | None = None, progress: bool = True,
+                             desc: str = "perplexity") -> dict[str, Any]:
+    """Mean token negative log-likelihood of each real reply given its context, for a Hugging Face
+    causal LM and a tokenizer with a chat template.
+
+    The prompt is `apply_chat_template(context, add_generation_prompt=True)` as text, tokenized
+    without adding special tokens (the template writes its own BOS); the reference is tokenized
+    on its own (no special tokens) and appended; only the reference's tokens are scored (the
+    end-of-turn token is the template's, not the reply's, and is not). When prompt + reference
+    exceed `max_length` (default: the model's max_position_embeddings) the *context* is cut from
+    the left and the item counted in `truncated`; a reference that alone does not fit is skipped
+    and counted in `skipped`. Batched (left padding, position ids from the mask, sorted by length)
+    and only the logits of the reference positions are kept.
+
+    Returns {ref_nll (mean over all reference tokens, nats), ref_ppl = exp(ref_nll), ref_tokens,
+    items, truncated, skipped, per_item: {item_id: {"nll": mean NLL, "tokens": n}}}."""
+    import torch
+
+    limit = max_length or getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    encoded = []
+    truncated = skipped = 0
+    for it in items:
+        prompt = tokenizer.apply_chat_template(list(it["context"]), tokenize=False, add_generation_prompt=True)
+        prompt_ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        ref_ids = list(tokenizer(it["reference"], add_special_tokens=False)["input_ids"])
+        if not ref_ids or not prompt_ids:
+            skipped += 1
+            continue
+        if limit and len(prompt_ids) + len(ref_ids) > limit:
+            keep = int(limit) - len(ref_ids)
+            if keep < 1:
+                skipped += 1
+                continue
+            prompt_ids = prompt_ids[-keep:]
+            truncated += 1
+        encoded.append((it["item_id"], prompt_ids, ref_ids))
+    try:
+        device = next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        device = torch.device("cpu")
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    pad_id = 0 if pad_id is None else pad_id
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][1]) + len(encoded[i][2]))
+    step = max(1, int(batch_size))
+    per_item: dict[str, dict[str, float]] = {}
+    total_nll, total_tokens = 0.0, 0
+    was_training = getattr(model, "training", False)
+    model.eval()
+    bar = tqdm(total=len(encoded), desc=desc, unit="item", disable=not progress)
+    try:
+        with torch.no_grad():
+            for start in range(0, len(order), step):
+                batch = [encoded[i] for i in order[start:start + step]]
+                width = max(len(p) + len(r) for _, p, r in batch)
+                ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for b, (_, p, r) in enumerate(batch):
+                    ids[b, width - len(p) - len(r):] = torch.tensor(p + r)
+                    mask[b, width - len(p) - len(r):] = 1
+                keep = max(len(r) for _, _, r in batch) + 1
+                logits = _forward_kept_logits(model, ids.to(device), mask.to(device), keep)
+                for b, (item_id, _, r) in enumerate(batch):
+                    # kept position k predicts the token at k+1: the reference's n tokens are the
+                    # last n of the row, predicted by kept positions keep-1-n .. keep-2
+                    rows = logits[b, keep - 1 - len(r):keep - 1].float()
+                    targets = torch.tensor(r, device=rows.device)
+                    nll = torch.logsumexp(rows, dim=-1) - rows.gather(1, targets.unsqueeze(1)).squeeze(1)
+                    per_item[item_id] = {"nll": float(nll.mean()), "tokens": len(r)}
+                    total_nll += float(nll.sum())
+                    total_tokens += len(r)
+                bar.update(len(batch))
+    finally:
+        bar.close()
+        if was_training:
+            model.train()
+    mean = total_nll / total_tokens if total_tokens else float("nan")
+    return {"ref_nll": mean, "ref_ppl": math.exp(mean) if total_tokens else float("nan"),
+            "ref_tokens": total_tokens, "items": len(per_item), "truncated": truncated, "skipped": skipped,
+            "per_item": per_item}
+
+
+# =================================================================================================
+# 4. Optional LLM judge (only with a client / key)
+# =================================================================================================
+
+# The same criteria keys and preset names as the manual scoring widget (scoring.CRITERIA_PRESETS:
+# "default" = the seeds' 正確性・関連性・専門性, "kokorochat" = turn-level items of KokoroChat's client
+# review), each with the rubric text the judge reads (the widget needs only labels).
+JUDGE_CRITERIA_PRESETS: dict[str, dict[str, str]] = {
+    "default": {
+        "accuracy": "正確性: 相談者の発言や状況を正しく理解し、事実を取り違えたり根拠のないことを述べたりしていない。",
+        "relevance": "関連性: 直前の相談者の発言と対話の流れに沿っており、話題から外れていない。",
+        "expertise": "専門性: 傾聴・共感・適切な質問など、カウンセラーとして適切な応答の技法にかなっている。",
+    },
+    "kokorochat": {
+        "showed_acceptance_and_empathy": "受容・共感: 相談者の気持ちを受け止め、共感を示している。",
+        "provided_acknowledgment_and_affirmation": "肯定・承認: 相談者の考えや努力を認め、肯定的に言葉にしている。",
+        "asked_effective_questions": "的確な質問による会話の促進: 相談者が考えを深められる的確な質問で会話を進めている。",
+        "offered_actionable_suggestions": "次の行動につながる提案: 相談者の次の行動につながる具体的な提案や方向づけがある。",
+    },
+}
+JUDGE_CRITERIA_PRESETS["seeds"] = JUDGE_CRITERIA_PRESETS["default"]
+SCORE_RANGE = (0, 5)
+
+JUDGE_SYSTEM = ("あなたは心理カウンセリングの応答を評価する熟練のスーパーバイザーです。"
+                "公平に評価し、指定された JSON だけを出力してください。")
+
+
+def judge_criteria(criteria: str | Sequence[str] | Mapping[str, str] | None = None) -> dict[str, str]:
+    """{key: rubric text}: a preset name ("default" | "seeds" | "kokorochat", as in the scoring
+    widget), a list of keys from the presets, or a dict of your own. Default: "default"
+    (accuracy 正確性 / relevance 関連性 / expertise 専門性)."""
+    if criteria is None:
+        return dict(JUDGE_CRITERIA_PRESETS["default"])
+    if isinstance(criteria, str):
+        if criteria not in JUDGE_CRITERIA_PRESETS:
+            raise ValueError(f"unknown criteria preset {criteria!r}; presets: {sorted(JUDGE_CRITERIA_PRESETS)}")
+        return dict(JUDGE_CRITERIA_PRESETS[criteria])
+    if isinstance(criteria, Mapping):
+        return {str(k): str(v) for k, v in criteria.items()}
+    known = {k: v for preset in JUDGE_CRITERIA_PRESETS.values() for k, v in preset.items()}
+    unknown = [c for c in criteria if c not in known]
+    if unknown:
+        raise ValueError(f"no rubric text for {unknown}: pass a dict {{key: description}}")
+    return {c: known[c] for c in criteria}
+
+
+def transcript(context: Sequence[Mapping[str, Any]]) -> str:
+    """The dialogue as 相談者 / カウンセラー lines (the system prompt left out)."""
+    return "\n".join(f"{SPEAKER_LABEL_JA.get(m.get('role'), m.get('role'))}: {m.get('content', '')}"
+                     for m in context if m.get("role") != "system")
+
+
+def rubric_prompt(item: Item, response: str, criteria: Mapping[str, str], show_reference: bool = False) -> str:
+    lo, hi = SCORE_RANGE
+    lines = [f"以下は相談者とカウンセラーの対話の途中までと、次のカウンセラーの発言の候補です。",
+             f"候補を次の各基準について {lo}〜{hi} の整数で採点してください"
+             f"（{lo} = まったく当てはまらない、{hi} = 非常によく当てはまる）。", "", "## 基準"]
+    lines += [f"- {key}: {text}" for key, text in criteria.items()]
+    lines += ["", "## 対話", transcript(item["context"])]
+    if show_reference:
+        lines += ["", "## 参考: 実際のカウンセラーの発言", item["reference"]]
+    lines += ["", "## 候補", response, "", "## 出力",
+              "次の形の JSON だけを出力してください（<...> は置き換える）: "
+              + '{"scores": {' + ", ".join(f'"{k}": <{lo}〜{hi}の整数>' for k in criteria)
+              + '}, "reason": "<短い理由>"}']
+    return "\n".join(lines)
+
+
+def pairwise_prompt(item: Item, first: str, second: str, criteria: Mapping[str, str]) -> str:
+    lines = ["以下は相談者とカウンセラーの対話の途中までと、次のカウンセラーの発言の候補 A と B です。",
+             "次の観点を総合して、より良い候補を選んでください。提示の順序や長さに左右されないでください。",
+             "", "## 観点"]
+    lines += [f"- {key}: {text}" for key, text in criteria.items()]
+    lines += ["", "## 対話", transcript(item["context"]), "", "## 候補 A", first, "", "## 候補 B", second,
+              "", "## 出力", '次の形の JSON だけを出力してください: {"winner": "A" または "B" または "tie", "reason": "短い理由"}']
+    return "\n".join(lines)
+
+
+def extract_json(text: str) -> Any | None:
+    """The first JSON object in `text` (code fences, prose around it, full-width braces tolerated);
+    None if there is none."""
+    if not text:
+        return None
+    s = unicodedata.normalize("NFKC", text)
+    decoder = json.JSONDecoder()
+    for match in re.finditer(r"\{", s):
+        try:
+            obj, _ = decoder.raw_decode(s, match.start())
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict):
+            return obj
+    return None
+
+
+def _as_score(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)) and float(value).is_integer():
+        score = int(value)
+    elif isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+)(?:\s*/\s*\d+)?\s*(?:点)?\s*", unicodedata.normalize("NFKC", value))
+        if not m:
+            return None
+        score = int(m.group(1))
+    else:
+        return None
+    return score if SCORE_RANGE[0] <= score <= SCORE_RANGE[1] else None
+
+
+def parse_rubric(text: str, criteria: Iterable[str]) -> tuple[dict[str, int | None], str | None]:
+    """({criterion: score or None}, error or None) from a judge's answer. Scores are read from
+    `{"scores": {...}}` or from the top level; a value that is not an integer in 0..5 is None."""
+    criteria = list(criteria)
+    obj = extract_json(text)
+    if obj is None:
+        return {c: None for c in criteria}, "no JSON object in the answer"
+    scores = obj.get("scores") if isinstance(obj.get("scores"), dict) else obj
+    out = {c: _as_score(scores.get(c)) for c in criteria}
+    bad = [c for c, v in out.items() if v is None]
+    return out, (f"missing or out-of-range scores for {bad}" if bad else None)
+
+
+def parse_verdict(text: str) -> str | None:
+    """"A", "B" or "tie" from a pairwise answer (JSON `winner`, or a bare answer); None if unclear."""
+    obj = extract_json(text)
+    raw = obj.get("winner") if isinstance(obj, dict) else text
+    if not isinstance(raw, str):
+        return None
+    s = unicodedata.normalize("NFKC", raw).strip().strip("\"'`「」").lower()
+    s = re.sub(r"^(候補|応答|reply|response|candidate)\s*", "", s)
+    if s in ("a", "b"):
+        return s.upper()
+    if s in ("tie", "draw", "引き分け", "同等", "equal", "both"):
+        return "tie"
+    return None
+
+
+class _Judge:
+    """One judge model behind a client: cached, concurrent, retried calls returning the raw text."""
+
+    def __init__(self, client: Any, judge_model: str, run_dir: str | Path | None, concurrency: int,
+                 max_tokens: int, temperature: float, json_mode: bool, retries: int,
+                 sleep: Callable[[float], None], progress: bool, log: Log):
+        if client is None:
+            raise EvalError("the LLM judge needs a client: set OPENAI_API_KEY (see default_client()) "
+                            "or pass client=; without one skip the judge")
+        if not judge_model:
+            raise EvalError("judge_model is empty: name the judge model (e.g. 'gpt-4o-2024-08-06')")
+        self.responder = OpenAIChatResponder(client, judge_model, max_tokens=max_tokens, temperature=temperature,
+                                             concurrency=concurrency, retries=retries, sleep=sleep,
+                                             progress=progress, log=log)
+        self.json_mode = json_mode
+        self.judge_model = judge_model
+        self.cache = (JsonlCache(eval_dir(run_dir) / "judge" / "cache.jsonl", ("judge_model", "prompt_sha"))
+                      if run_dir is not None else None)
+        self.log = log
+
+    def ask(self, prompts: Sequence[str], desc: str) -> list[str]:
+        """The judge's answer to each prompt, from the cache where possible."""
+        have = self.cache.load() if self.cache is not None else {}
+        shas = [_sha1([self.responder.settings, self.json_mode, JUDGE_SYSTEM, p]) for p in prompts]
+        answers: list[str | None] = [have.get((self.judge_model, s), {}).get("answer") for s in shas]
+        todo = [i for i, a in enumerate(answers) if a is None]
+        _say(self.log, f"judge {self.judge_model} ({desc}): {len(prompts) - len(todo)} cached, {len(todo)} to ask")
+        client = self.responder._client()
+
+        def one(i: int) -> str:
+            kwargs = self.responder.request([{"role": "system", "content": JUDGE_SYSTEM},
+                                             {"role": "user", "content": prompts[i]}])
+            if self.json_mode:
+                kwargs["response_format"] = {"type": "json_object"}
+            resp = self.responder.retry.call(lambda: client.chat.completions.create(**kwargs))
+            return _completion_text(resp)
+
+        def store(k: int, text: str) -> None:
+            i = todo[k]
+            answers[i] = text
+            if self.cache is not None:
+                self.cache.append({"judge_model": self.judge_model, "prompt_sha": shas[i], "answer": text,
+                                   "time": _now()})
+
+        run_concurrently(one, todo, self.responder.concurrency, store, self.responder.progress,
+                         desc=f"judge {desc}")
+        return [a or "" for a in answers]
+
+
+def _judge_inputs(generations: Any, items: Sequence[Item]) -> tuple[dict[str, Item], dict[tuple[str, str], str]]:
+    by_id = {it["item_id"]: it for it in items}
+    replies = {(r["model"], r["item_id"]): (r["response"] if isinstance(r.get("response"), str) else "")
+               for r in _generation_rows(generations) if r.get("item_id") in by_id}
+    return by_id, replies
+
+
+def judge_scores(generations: Any, items: Sequence[Item], client: Any, judge_model: str, *,
+                 criteria: str | Sequence[str] | Mapping[str, str] | None = None, run_dir: str | Path | None = None,
+                 show_reference: bool = False, concurrency: int = 4, max_tokens: int = 400,
+                 temperature: float = 0.0, json_mode: bool = True, retries: int = 4,
+                 sleep: Callable[[float], None] = time.sleep, progress: bool = True, log: Log = print):
+    """Rubric scores (0..5 per criterion) from an LLM judge for every (model, item) reply.
+
+    The judge sees the dialogue and one reply, never the model's name. Answers are parsed
+    robustly (`parse_rubric`); unparseable or out-of-range scores are NaN with the reason in
+    `parse_error`, never guessed. With `run_dir` the answers are cached in
+    run_dir/eval/judge/cache.jsonl, so a re-run pays nothing. Returns a long DataFrame
+    (item_id, split, model, criterion, score, parse_error); summarise with
+    `summarize_judge_scores`."""
+    import pandas as pd
+    crit = judge_criteria(criteria)
+    judge = _Judge(client, judge_model, run_dir, concurrency, max_tokens, temperature, json_mode, retries,
+                   sleep, progress, log)
+    by_id, replies = _judge_inputs(generations, items)
+    keys = list(replies)
+    prompts = [rubric_prompt(by_id[i], replies[(m, i)], crit, show_reference) for m, i in keys]
+    answers = judge.ask(prompts, "rubric")
+    rows = []
+    for (model, item_id), answer in zip(keys, answers):
+        scores, error = parse_rubric(answer, crit)
+        for c, s in scores.items():
+            rows.append({"item_id": item_id, "split": by_id[item_id]["split"], "model": model, "criterion": c,
+                         "score": float("nan") if s is None else s, "parse_error": error})
+    return pd.DataFrame(rows, columns=["item_id", "split", "model", "criterion", "score", "parse_error"])
+
+
+def summarize_judge_scores(scores: Any):
+    """Mean judge score per model × criterion (rows: models; columns: criteria), plus n_scored."""
+    table = scores.pivot_table(index="model", columns="criterion", values="score", aggfunc="mean", sort=False)
+    table["n_scored"] = scores.dropna(subset=["score"]).groupby("model", sort=False)["item_id"].nunique()
+    return table
+
+
+def combine_verdicts(first: str | None, second: str | None, model_a: str, model_b: str) -> str:
+    """The outcome of one pair asked in both orders: `first` is the verdict with model_a shown as A,
+    `second` with model_b shown as A. A model wins only if both verdicts pick it; both "tie" is a
+    tie; any disagreement is "inconsistent" (position bias); an unreadable verdict is "invalid"."""
+    if first is None or second is None:
+        return "invalid"
+    pick1 = {"A": model_a, "B": model_b, "tie": "tie"}[first]
+    pick2 = {"A": model_b, "B": model_a, "tie": "tie"}[second]
+    if pick1 == pick2:
+        return pick1
+    return "inconsistent"
+
+
+def judge_pairwise(generations: Any, items: Sequence[Item], client: Any, judge_model: str, *,
+                   pairs: Sequence[tuple[str, str]] | None = None,
+                   criteria: str | Sequence[str] | Mapping[str, str] | None = None,
+                   run_dir: str | Path | None = None, concurrency: int = 4, max_tokens: int = 300,
+                   temperature: float = 0.0, json_mode: bool = True, retries: int = 4,
+                   sleep: Callable[[float], None] = time.sleep, progress: bool = True, log: Log = print):
+    """Pairwise comparisons by an LLM judge, each asked twice with the replies in both orders.
+
+    `pairs`: (model_a, model_b) tuples; default every pair of models in `generations`. Only items
+    both models answered are compared. Returns one row per (pair, item): item_id, split, model_a,
+    model_b, verdict_ab (model_a shown first), verdict_ba, outcome (`combine_verdicts`: the winning
+    model, "tie", "inconsistent" or "invalid"). Summarise with `summarize_pairwise`."""
+    import pandas as pd
+    crit = judge_criteria(criteria)
+    judge = _Judge(client, judge_model, run_dir, concurrency, max_tokens, temperature, json_mode, retries,
+                   sleep, progress, log)
+    by_id, replies = _judge_inputs(generations, items)
+    models = list(dict.fromkeys(m for m, _ in replies))
+    pairs = list(pairs) if pairs is not None else list(itertools.combinations(models, 2))
+    jobs = []
+    for a, b in pairs:
+        if a == b:
+            raise ValueError(f"a pair needs two different models, got ({a!r}, {b!r})")
+        for item_id in by_id:
+            if (a, item_id) in replies and (b, item_id) in replies:
+                jobs.append((a, b, item_id))
+    prompts = []
+    for a, b, item_id in jobs:
+        ra, rb = replies[(a, item_id)], replies[(b, item_id)]
+        prompts.append(pairwise_prompt(by_id[item_id], ra, rb, crit))
+        prompts.append(pairwise_prompt(by_id[item_id], rb, ra, crit))
+    answers = judge.ask(prompts, "pairwise")
+    rows = []
+    for k, (a, b, item_id) in enumerate(jobs):
+        v1, v2 = parse_verdict(answers[2 * k]), parse_verdict(answers[2 * k + 1])
+        rows.append({"item_id": item_id, "split": by_id[item_id]["split"], "model_a": a, "model_b": b,
+                     "verdict_ab": v1, "verdict_ba": v2, "outcome": combine_verdicts(v1, v2, a, b)})
+    return pd.DataFrame(rows, columns=["item_id", "split", "model_a", "model_b", "verdict_ab", "verdict_ba", "outcome"])
+
+
+def summarize_pairwise(comparisons: Any):
+    """Per pair: n, wins_a, wins_b (both orders agreed), ties, inconsistent (the verdict followed
+    the position), invalid, and win rates over all n."""
+    import pandas as pd
+    rows = []
+    for (a, b), g in comparisons.groupby(["model_a", "model_b"], sort=False):
+        n = len(g)
+        counts = g["outcome"].value_counts()
+        wa, wb = int(counts.get(a, 0)), int(counts.get(b, 0))
+        rows.append({"model_a": a, "model_b": b, "n": n, "wins_a": wa, "wins_b": wb,
+                     "ties": int(counts.get("tie", 0)), "inconsistent": int(counts.get("inconsistent", 0)),
+                     "invalid": int(counts.get("invalid", 0)),
+                     "win_rate_a": wa / n if n else float("nan"), "win_rate_b": wb / n if n else float("nan")})
+    return pd.DataFrame(rows)

@@ -1,0 +1,678 @@
+"""Manual scoring (kokoro_helpers.scoring): the widget's submit / back / skip / resume, refusals,
+durability under SIGKILL, the summary (means, t-intervals, plots, CSV), Krippendorff's alpha on
+a published table, and evaluation_results written into model cards.
+
+The widget is exercised through its plain methods with ipywidgets instantiated but never
+displayed. All texts are invented here (no KokoroChat text)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import queue
+import random
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from kokoro_helpers import cards, scoring
+from kokoro_helpers.schema import CRITERIA as KC
+from kokoro_helpers.scoring import (CRITERIA_PRESETS, ScoreError, ScoringWidget, agreement, agreement_table,
+                                    append_record, check_rater, demo_scores, export_csv, load_scores,
+                                    plot_distributions, plot_means, rater_order, resolve_criteria, summarize,
+                                    t_critical, write_evaluation_results)
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ("SECRETMODEL-alpha", "SECRETMODEL-beta", "SECRETMODEL-gamma")
+GOOD = {"accuracy": 4, "relevance": 3, "expertise": 5}
+
+
+def make_items(n_ids: int = 3, models=MODELS[:2]) -> list[dict]:
+    """Invented eval items: n_ids contexts × models candidate replies; first half test, rest valid."""
+    items = []
+    for i in range(n_ids):
+        context = [{"role": "system", "content": "あなたは丁寧なカウンセラーです。"},
+                   {"role": "user", "content": f"最近よく眠れません（架空の相談 {i}）。"}]
+        for m in models:
+            items.append({"item_id": f"item-{i:03d}", "model": m, "context": context,
+                          "reference": f"眠れないのはつらいですね（参照 {i}）。",
+                          "response": f"それは大変でしたね。候補の応答 {i} {m[-5:]}",
+                          "split": "test" if i < (n_ids + 1) // 2 else "valid"})
+    return items
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def all_text(widget) -> str:
+    """Every piece of text a rater can see in an ipywidgets tree."""
+    out = []
+    stack = [widget]
+    while stack:
+        w = stack.pop()
+        for attr in ("value", "description", "tooltip", "placeholder"):
+            v = getattr(w, attr, None)
+            if isinstance(v, str):
+                out.append(v)
+        for attr in ("options", "_options_labels"):
+            v = getattr(w, attr, None)
+            if isinstance(v, (list, tuple)):
+                out.extend(str(x) for x in v)
+        stack.extend(getattr(w, "children", ()) or ())
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- criteria, raters
+
+def test_criteria_presets_and_forms():
+    assert resolve_criteria() == {"accuracy": "正確性", "relevance": "関連性", "expertise": "専門性"}
+    assert resolve_criteria("seeds") == resolve_criteria("default")
+    kc = resolve_criteria("kokorochat")
+    assert {"受容・共感", "的確な質問による会話の促進", "次の行動につながる提案"} <= set(kc.values())
+    assert all(KC[k] == label for k, label in kc.items())          # keys and labels from schema.CRITERIA
+    assert resolve_criteria(["accuracy", "showed_acceptance_and_empathy", "warmth"]) == {
+        "accuracy": "正確性", "showed_acceptance_and_empathy": "受容・共感", "warmth": "warmth"}
+    assert resolve_criteria({"empathy": "共感"}) == {"empathy": "共感"}
+    with pytest.raises(ValueError, match="unknown criteria preset"):
+        resolve_criteria("nope")
+    with pytest.raises(ValueError, match="ASCII identifiers"):
+        resolve_criteria(["共感"])
+    with pytest.raises(ValueError, match="ASCII identifiers"):
+        resolve_criteria(["model"])                                  # would clash with a column
+    with pytest.raises(ValueError, match="empty"):
+        resolve_criteria([])
+
+
+@pytest.mark.parametrize("name", ["tanaka", "rater_01", "山田花子", "a.b-c", "R2"])
+def test_rater_names_accepted(name):
+    assert check_rater(name) == name
+
+
+@pytest.mark.parametrize("name", ["", "  ", "../x", "a/b", "a\\b", ".hidden", "-x", "x" * 65, "CON",
+                                  "nul.txt", "a b", "trailing.", "a:b", "demo-x"])
+def test_rater_names_refused(name, tmp_path):
+    with pytest.raises(ValueError):
+        check_rater(name)
+    with pytest.raises(ValueError):
+        ScoringWidget(make_items(), tmp_path, name)
+    assert not any(tmp_path.iterdir())
+
+
+def test_demo_prefix_reserved():
+    assert check_rater("demo-a", demo=True) == "demo-a"
+    with pytest.raises(ValueError, match="reserved"):
+        check_rater("demo-a")
+    with pytest.raises(ValueError, match="must start with"):
+        check_rater("tanaka", demo=True)
+
+
+def test_bad_items_refused(tmp_path):
+    items = make_items()
+    with pytest.raises(ValueError, match="duplicate"):
+        ScoringWidget(items + items[:1], tmp_path, "tanaka")
+    with pytest.raises(ValueError, match="lacks"):
+        ScoringWidget([{"item_id": "x", "model": "m"}], tmp_path, "tanaka")
+    with pytest.raises(ValueError, match="no items"):
+        ScoringWidget([], tmp_path, "tanaka")
+
+
+# --------------------------------------------------------------------------- order and blinding
+
+def test_order_deterministic_per_rater(tmp_path):
+    items = make_items(10, MODELS)
+    a1 = ScoringWidget(items, tmp_path, "rater_a")
+    a2 = ScoringWidget(list(reversed(items)), tmp_path, "rater_a")   # input order does not matter
+    b = ScoringWidget(items, tmp_path, "rater_b")
+    assert a1.order == a2.order == rater_order(items, "rater_a")
+    assert sorted(a1.order) == sorted(b.order) and a1.order != b.order
+    assert a1.order != sorted(a1.order)                              # shuffled
+    # models interleaved, not in blocks: at least one model switch within the first six
+    assert len({m for _, m in a1.order[:6]}) > 1
+
+
+def test_model_names_hidden(tmp_path):
+    items = make_items(4, MODELS)
+    w = ScoringWidget(items, tmp_path, "tanaka", show_reference=True)
+    for _ in range(len(items)):
+        text = all_text(w.widget)
+        assert w.current["response"] in text                         # the reply is shown...
+        assert not any(m in text for m in MODELS)                     # ...its model is not
+        w.submit(GOOD)
+    assert not any(m in all_text(w.widget) for m in MODELS)
+    bundle = w._repr_mimebundle_()
+    assert not any(m in str(v) for v in bundle.values() for m in MODELS)
+
+
+# --------------------------------------------------------------------------- submit, back, skip, resume
+
+def test_submit_writes_one_durable_line_before_moving_on(tmp_path, monkeypatch):
+    items = make_items()
+    w = ScoringWidget(items, tmp_path / "scores", "tanaka")
+    first = w.current_key
+    seen = []
+    real_fsync = os.fsync
+
+    def spy(fd):
+        path = w.path
+        seen.append((w.position, path.read_text(encoding="utf-8") if path.exists() else ""))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    rec = w.submit(GOOD, comment="丁寧な応答")
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    # fsync'd while the widget still stood on the scored item, with the line already written
+    assert any(pos == 0 and '"丁寧な応答"' in text for pos, text in seen)
+    assert w.position == 1
+    [line] = lines(w.path)
+    assert line == rec
+    assert set(line) == {"item_id", "model", "rater", "scores", "comment", "time"}
+    assert (line["item_id"], line["model"]) == first
+    assert line["rater"] == "tanaka" and line["scores"] == GOOD and line["comment"] == "丁寧な応答"
+    assert w.path == tmp_path / "scores" / "tanaka.jsonl"
+
+
+def test_submit_back_skip_and_history(tmp_path):
+    items = make_items()                       # 3 ids × 2 models = 6 items
+    w = ScoringWidget(items, tmp_path, "tanaka")
+    order = w.order
+    assert (w.position, w.progress, w.n_items) == (0, "0 / 6", 6)
+    w.submit({"accuracy": 1, "relevance": 1, "expertise": 1})
+    assert (w.position, w.progress) == (1, "1 / 6")
+    assert w.skip() == 2                       # skip: one forward, nothing recorded
+    assert len(lines(w.path)) == 1
+    w.submit({"accuracy": 2, "relevance": 2, "expertise": 2})
+    assert w.position == 3
+    assert w.back() == 2                       # back onto a scored item: its scores shown
+    assert {k: c.value for k, c in w._controls.items()} == {"accuracy": 2, "relevance": 2, "expertise": 2}
+    assert "already scored" in w.message
+    assert w.back() == 1                       # the skipped one: empty controls
+    assert all(c.value is None for c in w._controls.values())
+    assert w.back() == 0 and w.back() == 0     # stays at 0
+    w.go_to(2)
+    w.submit({"accuracy": 5, "relevance": 5, "expertise": 5}, comment="revised")   # re-score
+    assert w.position == 3                     # next unscored after 2
+    assert len(w.history(order[2])) == 2       # history kept ...
+    assert w.latest(order[2])["scores"]["accuracy"] == 5
+    df = load_scores(tmp_path)
+    row = df[(df.item_id == order[2][0]) & (df.model == order[2][1])]
+    assert len(row) == 1 and row.iloc[0]["accuracy"] == 5 and row.iloc[0]["comment"] == "revised"  # ... latest wins
+    assert len(df) == 2 and len(load_scores(tmp_path, history=True)) == 3
+
+    # a new widget for the same rater resumes at the first unscored item: the skipped one
+    w2 = ScoringWidget(items, tmp_path, "tanaka")
+    assert w2.order == order and w2.position == 1 and w2.progress == "2 / 6"
+    # another rater starts from scratch in its own file
+    other = ScoringWidget(items, tmp_path, "suzuki")
+    assert other.position == 0 and other.progress == "0 / 6"
+
+    # finish: submit jumps over scored items and wraps to the skipped one
+    w2.submit(GOOD)                            # position 1 -> next unscored is 3
+    assert w2.position == 3
+    for _ in range(3):
+        w2.submit(GOOD)
+    assert w2.done and w2.position == 6 and w2.current is None and w2.progress == "6 / 6"
+    with pytest.raises(ScoreError, match="every item is scored"):
+        w2.submit(GOOD)
+    assert w2.skip() == 6
+    assert w2.back() == 5
+    assert ScoringWidget(items, tmp_path, "tanaka").position == 6
+
+
+def test_skip_past_the_end_wraps_to_first_unscored(tmp_path):
+    items = make_items()
+    w = ScoringWidget(items, tmp_path, "tanaka")
+    w.skip()                                    # leave 0 unscored
+    while w.position < w.n_items - 1:
+        w.submit(GOOD)
+    assert w.position == 5
+    assert w.skip() == 0                        # past the end: back to the skipped one
+    w.submit(GOOD)
+    w.go_to(5)
+    w.submit(GOOD)
+    assert w.done
+
+
+def test_scores_written_by_another_widget_are_seen(tmp_path):
+    items = make_items()
+    a = ScoringWidget(items, tmp_path, "tanaka")
+    b = ScoringWidget(items, tmp_path, "tanaka")      # e.g. the cell was run twice
+    b.submit(GOOD)                                    # scores order[0]
+    b.submit(GOOD)                                    # scores order[1]
+    a.submit(GOOD)                                    # a re-scores order[0] ...
+    assert a.position == 2                            # ... and does not land on b's order[1]
+
+
+@pytest.mark.parametrize("scores, expected", [
+    ({"accuracy": 6, "relevance": 3, "expertise": 3}, "outside 0..5"),
+    ({"accuracy": -1, "relevance": 3, "expertise": 3}, "outside 0..5"),
+    ({"accuracy": 2.5, "relevance": 3, "expertise": 3}, "not an integer"),
+    ({"accuracy": 3.0, "relevance": 3, "expertise": 3}, "not an integer"),
+    ({"accuracy": True, "relevance": 3, "expertise": 3}, "not an integer"),
+    ({"accuracy": "3", "relevance": 3, "expertise": 3}, "not an integer"),
+    ({"accuracy": 3, "relevance": 3}, "missing scores for expertise"),
+    ({"accuracy": 3, "relevance": 3, "expertise": None}, "missing scores for expertise"),
+    ({"accuracy": 3, "relevance": 3, "expertise": 3, "empathy": 4}, "unknown criteria"),
+    ([3, 3, 3], "must be a mapping"),
+])
+def test_refused_scores_record_nothing(tmp_path, scores, expected):
+    w = ScoringWidget(make_items(), tmp_path, "tanaka")
+    w.submit(GOOD)
+    with pytest.raises(ValueError, match=expected):
+        w.submit(scores)
+    assert w.position == 1 and len(lines(w.path)) == 1
+
+
+def test_numpy_integers_accepted(tmp_path):
+    np = pytest.importorskip("numpy")
+    w = ScoringWidget(make_items(), tmp_path, "tanaka")
+    rec = w.submit({"accuracy": np.int64(0), "relevance": np.int32(5), "expertise": 3})
+    assert rec["scores"] == {"accuracy": 0, "relevance": 5, "expertise": 3}
+    assert lines(w.path)[0]["scores"] == rec["scores"]
+
+
+def test_kokorochat_preset_in_widget(tmp_path):
+    w = ScoringWidget(make_items(), tmp_path, "tanaka", criteria="kokorochat")
+    assert "受容・共感" in all_text(w.widget)
+    with pytest.raises(ValueError, match="missing scores"):
+        w.submit(GOOD)
+    w.submit({k: 3 for k in CRITERIA_PRESETS["kokorochat"]})
+    assert set(lines(w.path)[0]["scores"]) == set(CRITERIA_PRESETS["kokorochat"])
+
+
+def test_button_handlers_without_a_browser(tmp_path):
+    w = ScoringWidget(make_items(), tmp_path, "tanaka")
+    # the reference is hidden until toggled (the toggle button and the method agree)
+    assert w._reference.layout.display == "none"
+    w._ref_toggle.value = True
+    assert w._reference.layout.display is None and w.toggle_reference() is False
+    assert w._ref_toggle.value is False
+    # a partial form is refused in the message area; nothing written, nothing moved
+    w._controls["accuracy"].value = 4
+    assert w.on_submit_clicked() is False
+    assert "missing scores" in w._message.value and "関連性" in w._message.value
+    assert not w.path.exists() and w.position == 0
+    # a full form is saved with its comment, and the next item starts empty
+    w._controls["relevance"].value = 0
+    w._controls["expertise"].value = 5
+    w._comment.value = "共感が足りない"
+    w._submit_btn.click()                       # the real button calls the same handler
+    assert lines(w.path)[0]["scores"] == {"accuracy": 4, "relevance": 0, "expertise": 5}
+    assert lines(w.path)[0]["comment"] == "共感が足りない"
+    assert w.position == 1 and "saved" in w._message.value
+    assert all(c.value is None for c in w._controls.values()) and w._comment.value == ""
+    assert "1 / 6" in w._header.value and "2 / 6" in w._header.value   # scored k / N, item k / N
+    w.on_skip_clicked()
+    assert w.position == 2
+    w.on_back_clicked()
+    w._back_btn.click()
+    assert w.position == 0 and w._controls["expertise"].value == 5   # previous scores shown
+    assert w._back_btn.disabled
+
+
+def test_write_failure_shown_not_advanced(tmp_path, monkeypatch):
+    w = ScoringWidget(make_items(), tmp_path, "tanaka")
+    for k, c in w._controls.items():
+        c.value = GOOD[k]
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(scoring, "append_record", full_disk)
+    assert w.on_submit_clicked() is False
+    assert "NOT saved" in w._message.value and w.position == 0
+    with pytest.raises(OSError):
+        w.submit(GOOD)                          # called directly, the error propagates
+    assert w.position == 0
+
+
+def test_torn_last_line_is_skipped_and_not_glued(tmp_path):
+    items = make_items()
+    w = ScoringWidget(items, tmp_path, "tanaka")
+    w.submit(GOOD)
+    with open(w.path, "ab") as f:
+        f.write(b'{"item_id": "item-00')            # a power cut mid-line
+    with pytest.warns(UserWarning, match="unreadable score line"):
+        w2 = ScoringWidget(items, tmp_path, "tanaka")
+    assert w2.position == 1
+    w2.submit(GOOD)                                   # (the widget warns once per bad line)
+    raw = w.path.read_text(encoding="utf-8").splitlines()
+    assert len(raw) == 3 and json.loads(raw[2])["scores"] == GOOD    # its own line
+    with pytest.warns(UserWarning):
+        assert len(load_scores(tmp_path)) == 2
+
+
+def test_never_waits_and_displays_without_a_frontend(tmp_path):
+    w = ScoringWidget(make_items(), tmp_path, "tanaka")
+    bundle = w._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in bundle
+    assert "0 / 6" in bundle["text/plain"] and "Scoring widget" in bundle["text/html"]
+    assert "ScoringWidget(rater='tanaka'" in repr(w)
+
+
+# --------------------------------------------------------------------------- SIGKILL right after submit
+
+CHILD = r"""
+import json, random, sys
+from kokoro_helpers.scoring import ScoringWidget
+items_path, store, rater, seed, mode = sys.argv[1:6]
+with open(items_path, encoding="utf-8") as f:
+    items = json.load(f)
+w = ScoringWidget(items, store, rater)
+print("start", w.position, json.dumps(w.order), flush=True)
+rnd = random.Random(int(seed))
+while not w.done:
+    key = w.current_key
+    scores = {c: rnd.randint(0, 5) for c in w.criteria}
+    w.submit(scores, comment="trial " + seed)
+    print("ok", json.dumps([key[0], key[1], scores]), flush=True)
+    if mode == "wait":
+        sys.stdin.readline()      # parked right after a submit until the parent says go, or kills
+print("end", flush=True)
+sys.stdin.readline()
+"""
+
+
+def _kill_chain(items_path: Path, store: Path, rater: str, trials: int, seed: int) -> list[str]:
+    """Run `trials` scoring processes for one rater, one after another, each SIGKILLed right
+    after its j-th submit (j random): in "wait" mode while parked just after the submit, in
+    "race" mode while it goes on submitting. Returns a list of failures (empty = all good)."""
+    rnd = random.Random(seed)
+    failures: list[str] = []
+    order = None
+    reported: dict[tuple[str, str], dict] = {}
+    path = store / f"{rater}.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    for trial in range(trials):
+        mode = "wait" if trial % 2 == 0 else "race"
+        j = rnd.randint(1, 3)
+        # what the store holds now (the previous process is dead): where the next must resume
+        stored = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
+        keys = {(r["item_id"], r["model"]) for r in stored}
+        proc = subprocess.Popen([sys.executable, "-c", CHILD, str(items_path), str(store), rater,
+                                 str(seed * 1000 + trial), mode], cwd=ROOT, env=env, text=True,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out: queue.Queue = queue.Queue()
+        threading.Thread(target=lambda: [out.put(line) for line in proc.stdout] and None, daemon=True).start()
+        try:
+            head = out.get(timeout=30).split(" ", 2)
+            if order is None:
+                order = [tuple(k) for k in json.loads(head[2])]
+            if [tuple(k) for k in json.loads(head[2])] != order:
+                failures.append(f"{rater} trial {trial}: the order changed between sessions")
+            expected = next((i for i, k in enumerate(order) if k not in keys), len(order))
+            if head[0] != "start" or int(head[1]) != expected:
+                failures.append(f"{rater} trial {trial}: resumed at {head[1]}, expected {expected}")
+            finished = expected == len(order)
+            for i in range(j):
+                if finished:
+                    break
+                line = out.get(timeout=30).strip()
+                if line == "end":
+                    finished = True
+                    break
+                item_id, model, scores = json.loads(line[3:])
+                reported[(item_id, model)] = scores
+                if mode == "wait" and i < j - 1:
+                    proc.stdin.write("\n")
+                    proc.stdin.flush()
+        finally:
+            os.kill(proc.pid, signal.SIGKILL)       # right after the j-th submit returned
+            proc.wait(timeout=30)
+        if proc.returncode != -signal.SIGKILL:
+            failures.append(f"{rater} trial {trial}: child exited {proc.returncode}: {proc.stderr.read()[-500:]}")
+        raw = path.read_text(encoding="utf-8").splitlines()
+        try:
+            stored = [json.loads(x) for x in raw]   # no torn line, ever
+        except json.JSONDecodeError as exc:
+            failures.append(f"{rater} trial {trial}: a torn line in the store: {exc}")
+            continue
+        by_key = {}
+        for r in stored:
+            if (r["item_id"], r["model"]) in by_key:
+                failures.append(f"{rater} trial {trial}: {r['item_id']}/{r['model']} stored twice")
+            by_key[(r["item_id"], r["model"])] = r["scores"]
+        lost = [k for k, s in reported.items() if by_key.get(k) != s]
+        if lost:
+            failures.append(f"{rater} trial {trial}: reported scores lost or changed: {lost}")
+        if finished:
+            break
+    # the last kill must also resume right: the in-process widget agrees with the raw file
+    with open(items_path, encoding="utf-8") as f:
+        w = ScoringWidget(json.load(f), store, rater)
+    stored_keys = {(r["item_id"], r["model"]) for r in lines(path)}
+    expected = next((i for i, k in enumerate(order) if k not in stored_keys), len(order))
+    if w.position != expected:
+        failures.append(f"{rater}: final resume at {w.position}, expected {expected}")
+    if len(reported) < trials and not w.done:
+        failures.append(f"{rater}: only {len(reported)} submits reported in {trials} trials")
+    return failures
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
+def test_sigkill_right_after_submit_loses_nothing(tmp_path):
+    """24 processes (two raters in parallel, 12 each) killed with SIGKILL right after a submit:
+    every score a process reported as submitted is in the store, no line is torn, and the next
+    process for the rater resumes at the first unscored item of the same order."""
+    items = make_items(20, MODELS)                       # 60 (item, model) units
+    items_path = tmp_path / "items.json"
+    items_path.write_text(json.dumps(items, ensure_ascii=False), encoding="utf-8")
+    store = tmp_path / "human_scores"
+    results: dict[str, list[str]] = {}
+    chains = [("rater_a", 1), ("評価者b", 2)]
+    threads = [threading.Thread(target=lambda r=r, s=s: results.__setitem__(r, _kill_chain(items_path, store, r, 12, s)))
+               for r, s in chains]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert set(results) == {r for r, _ in chains}, "a kill chain did not finish"
+    failures = [f for r in results.values() for f in r]
+    assert not failures, "\n".join(failures)
+    df = load_scores(store)
+    assert set(df["rater"]) == {"rater_a", "評価者b"}
+    assert len(df) >= 24
+
+
+# --------------------------------------------------------------------------- summary
+
+def _write(store: Path, rater: str, item_id: str, model: str, **scores) -> None:
+    append_record(store / f"{rater}.jsonl", {"item_id": item_id, "model": model, "rater": rater,
+                                              "scores": scores, "comment": "", "time": "2025-01-01T00:00:00+00:00"})
+
+
+@pytest.mark.parametrize("confidence, df, expected", [
+    (0.95, 1, 12.7062), (0.95, 2, 4.3027), (0.95, 4, 2.7764), (0.95, 5, 2.5706), (0.95, 10, 2.2281),
+    (0.95, 30, 2.0423), (0.95, 200, 1.9719), (0.99, 5, 4.0321), (0.90, 3, 2.3534)])
+def test_t_critical_matches_tables_without_scipy(monkeypatch, confidence, df, expected):
+    monkeypatch.setitem(sys.modules, "scipy", None)       # force the in-package computation
+    t_critical.cache_clear()
+    try:
+        assert t_critical(confidence, df) == pytest.approx(expected, abs=2e-4)
+    finally:
+        t_critical.cache_clear()
+
+
+def test_summarize_means_and_t_interval(tmp_path):
+    for i, s in enumerate([1, 2, 3, 4, 5]):
+        _write(tmp_path, f"r{i}", "item-000", "A", accuracy=s, relevance=3)
+    _write(tmp_path, "r0", "item-001", "B", accuracy=4, relevance=2)
+    summary = summarize(load_scores(tmp_path))
+    assert list(summary.columns[:4]) == ["model", "criterion", "n", "mean"]
+    a = summary[(summary.model == "A") & (summary.criterion == "accuracy")].iloc[0]
+    half = 2.776445 * math.sqrt(2.5) / math.sqrt(5)
+    assert (a.n, a["mean"], a.n_raters, a.n_items) == (5, 3.0, 5, 1)
+    assert a.sd == pytest.approx(math.sqrt(2.5))
+    assert (a.ci_low, a.ci_high) == (pytest.approx(3 - half, abs=1e-5), pytest.approx(3 + half, abs=1e-5))
+    r = summary[(summary.model == "A") & (summary.criterion == "relevance")].iloc[0]
+    assert r.sd == 0 and r.ci_low == r.ci_high == 3
+    b = summary[(summary.model == "B") & (summary.criterion == "accuracy")].iloc[0]
+    assert b.n == 1 and math.isnan(b.ci_low) and math.isnan(b.sd)     # one score: no interval
+
+
+def test_empty_store_gives_empty_tables(tmp_path):
+    df = load_scores(tmp_path / "none")
+    assert len(df) == 0 and "item_id" in df.columns
+    assert len(summarize(df)) == 0
+    assert len(agreement_table(df)) == 0
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    plt.close(plot_distributions(df))
+    plt.close(plot_means(summarize(df)))
+
+
+def _krippendorff_2011(store: Path) -> None:
+    """Krippendorff (2011), "Computing Krippendorff's Alpha-Reliability": 4 observers × 12
+    units, values 1..5, missing as None. Published: ordinal alpha = 0.815 (nominal 0.743)."""
+    table = {"A": [1, 2, 3, 3, 2, 1, 4, 1, 2, None, None, None],
+             "B": [1, 2, 3, 3, 2, 2, 4, 1, 2, 5, None, 3],
+             "C": [None, 3, 3, 3, 2, 3, 4, 2, 2, 5, 1, None],
+             "D": [1, 2, 3, 3, 2, 4, 4, 1, 2, 5, 1, None]}
+    for rater, values in table.items():
+        for unit, v in enumerate(values, 1):
+            if v is not None:
+                _write(store, rater, f"u{unit:02d}", "m", accuracy=v)
+
+
+def test_agreement_on_a_published_table(tmp_path):
+    _krippendorff_2011(tmp_path)
+    res = agreement(load_scores(tmp_path), "accuracy")
+    assert res.alpha == pytest.approx(0.815, abs=5e-4)
+    assert (res.n_raters, res.n_units, res.reason) == (4, 11, "")    # unit 12 has one value only
+
+
+def test_agreement_edge_cases(tmp_path):
+    for i in range(4):                                                  # perfect agreement
+        for r in ("x", "y"):
+            _write(tmp_path / "perfect", r, f"i{i}", "m", accuracy=i + 1)
+    assert agreement(load_scores(tmp_path / "perfect"), "accuracy").alpha == pytest.approx(1.0)
+    _write(tmp_path / "one", "x", "i0", "m", accuracy=3)
+    res = agreement(load_scores(tmp_path / "one"), "accuracy")
+    assert res.alpha is None and "two or more raters" in res.reason
+    _write(tmp_path / "apart", "x", "i0", "m", accuracy=3)
+    _write(tmp_path / "apart", "y", "i1", "m", accuracy=4)
+    res = agreement(load_scores(tmp_path / "apart"), "accuracy")
+    assert res.alpha is None and "no item scored by two" in res.reason
+    for r in ("x", "y"):
+        _write(tmp_path / "same", r, "i0", "m", accuracy=4)
+        _write(tmp_path / "same", r, "i1", "m", accuracy=4)
+    res = agreement(load_scores(tmp_path / "same"), "accuracy")
+    assert res.alpha is None and "no variation" in res.reason
+    with pytest.raises(ValueError, match="no scores for criterion"):
+        agreement(load_scores(tmp_path / "same"), "expertise")
+    # the same (item, model) under two models is two units
+    _write(tmp_path / "models", "x", "i0", "m1", accuracy=1)
+    _write(tmp_path / "models", "y", "i0", "m1", accuracy=1)
+    _write(tmp_path / "models", "x", "i0", "m2", accuracy=5)
+    _write(tmp_path / "models", "y", "i0", "m2", accuracy=5)
+    res = agreement(load_scores(tmp_path / "models"), "accuracy")
+    assert res.n_units == 2 and res.alpha == pytest.approx(1.0)
+
+
+def test_plots_have_ascii_labels(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    items = make_items(4, MODELS[:2])
+    demo_scores(items, tmp_path, criteria="kokorochat")
+    df = load_scores(tmp_path)
+    fig = plot_distributions(df)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles == list(CRITERIA_PRESETS["kokorochat"])
+    texts = [t.get_text() for ax in fig.axes for t in ax.texts + ax.get_xticklabels() + [ax.title, ax.xaxis.label]]
+    texts += [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+    assert all(s.isascii() for s in texts)
+    fig2 = plot_means(summarize(df))
+    assert all(t.get_text().isascii() for ax in fig2.axes for t in ax.get_xticklabels())
+    plt.close(fig)
+    plt.close(fig2)
+
+
+def test_export_csv(tmp_path):
+    import pandas as pd
+    w = ScoringWidget(make_items(), tmp_path / "s", "tanaka")
+    w.submit(GOOD, comment="優しい、でも短い")
+    paths = export_csv(load_scores(tmp_path / "s"), tmp_path / "eval")
+    assert {p.name for p in paths.values()} == {"human_scores.csv", "human_summary.csv", "human_agreement.csv"}
+    scores = pd.read_csv(paths["scores"])
+    assert scores.loc[0, "comment"] == "優しい、でも短い" and scores.loc[0, "accuracy"] == 4
+    assert ",4," in paths["scores"].read_text(encoding="utf-8")        # integers, not 4.0
+    agree = pd.read_csv(paths["agreement"])
+    assert agree["alpha"].isna().all() and agree["reason"].str.contains("two or more raters").all()
+    assert not list((tmp_path / "eval").glob("*.tmp"))
+
+
+# --------------------------------------------------------------------------- demo scores
+
+def test_demo_scores_seeded_and_marked(tmp_path):
+    items = make_items(6, MODELS)
+    assert demo_scores(items, tmp_path / "a", seed=7) == 2 * len(items)
+    assert demo_scores(items, tmp_path / "a", seed=7) == 0                 # already complete
+    demo_scores(items, tmp_path / "b", seed=7)
+    demo_scores(items, tmp_path / "c", seed=8)
+    cols = ["item_id", "model", "rater", "accuracy", "relevance", "expertise"]
+
+    def table(d):
+        return load_scores(tmp_path / d)[cols].sort_values(cols[:3]).reset_index(drop=True)
+
+    assert table("a").equals(table("b"))
+    assert not table("a").equals(table("c"))
+    df = load_scores(tmp_path / "a", items)
+    assert set(df["rater"]) == {"demo-a", "demo-b"} and df["demo"].all() and (df["comment"] == "demo").all()
+    assert set(df["split"]) == {"test", "valid"}
+    assert df[["accuracy", "relevance", "expertise"]].isin(range(6)).all().all()
+    assert len(load_scores(tmp_path / "a", include_demo=False)) == 0
+    summary = summarize(df)
+    assert len(summary) == 3 * 3 and (summary["n_demo"] == summary["n"]).all()
+    assert all(a.alpha is not None for a in (agreement(df, c) for c in ("accuracy", "relevance", "expertise")))
+
+
+# --------------------------------------------------------------------------- into the cards
+
+def test_write_evaluation_results_into_cards(tmp_path):
+    run_dir = tmp_path / "run"
+    model_a, model_b = "ft:gpt-4o-mini:org:kokoro:abc", "local-lora-tiny"
+    pa = cards.save_card(cards.card_path(run_dir, model_a), {
+        **cards.new_card("openai", model_a, "gpt-4o-mini", {"n_epochs": 1}),
+        "evaluation_results": {"test_evaluation": {"automatic": {"chrf": 12.5}}, "note": "kept"}})
+    pb = cards.save_card(cards.card_path(run_dir, "my-adapter"),
+                         cards.new_card("local_lora", model_b, "tiny-base", {"r": 8}))
+    items = make_items(4, (model_a, model_b, "tiny-base"))     # the base model has no card
+    demo_scores(items, tmp_path / "s", seed=3)
+    df = load_scores(tmp_path / "s", items)
+    by_split = summarize(df, by=("split", "model"))
+    result = write_evaluation_results(run_dir, by_split, agreement=agreement_table(df),
+                                      metrics={model_a: {"chrF": 31.25, "bleu_char": 10.0}})
+    assert set(result["written"]) == {model_a, model_b}
+    assert set(result["skipped"]) == {"tiny-base"} and "no model card" in result["skipped"]["tiny-base"]
+
+    card = cards.load_card(pa)
+    er = card["evaluation_results"]
+    assert {"test_evaluation", "valid_evaluation", "summary", "timestamp"} <= set(er)
+    assert er["note"] == "kept" and er["test_evaluation"]["automatic"] == {"chrf": 12.5}   # others' results kept
+    human_test = er["test_evaluation"]["human_scores"]
+    row = by_split[(by_split.split == "test") & (by_split.model == model_a) & (by_split.criterion == "accuracy")].iloc[0]
+    assert human_test["criteria"]["accuracy"]["mean"] == pytest.approx(row["mean"], abs=1e-4)
+    assert human_test["criteria"]["accuracy"]["n"] == row["n"]
+    assert human_test["demo"] is True and "DEMO" in human_test["note"]
+    assert er["valid_evaluation"]["human_scores"]["criteria"]["accuracy"]["n"] > 0
+    # summary pools test and valid exactly: the same as summarising by model alone
+    pooled = er["summary"]["human_scores"]["criteria"]["expertise"]
+    whole = summarize(df)
+    w = whole[(whole.model == model_a) & (whole.criterion == "expertise")].iloc[0]
+    assert (pooled["n"], pooled["mean"]) == (w["n"], pytest.approx(w["mean"], abs=1e-4))
+    assert (pooled["ci_low"], pooled["ci_high"]) == (pytest.approx(w.ci_low, abs=1e-4), pytest.approx(w.ci_high, abs=1e-4))
+    assert er["summary"]["automatic_metrics"] == {"chrF": 31.25, "bleu_char": 10.0}
+    assert set(er["summary"]["human_agreement"]) == {"accuracy", "relevance", "expertise"}
+    assert "human_scores" in cards.load_card(pb)["evaluation_results"]["summary"]
+    json.dumps(card)                                                     # plain JSON (no NaN objects)
+
+    # writing again replaces the human block but keeps the rest; a model→card mapping works
+    again = write_evaluation_results(run_dir, summarize(df), models={"tiny-base": model_b})
+    assert set(again["written"]) == {model_a, model_b, "tiny-base"}
+    assert cards.load_card(pa)["evaluation_results"]["test_evaluation"]["automatic"] == {"chrf": 12.5}
