@@ -93,7 +93,22 @@ def _table(rows: list[tuple[str, Any]]) -> str:
 
 
 def key_figures(run_dir: Path) -> dict[str, str]:
-    """notebook prefix (01..05) -> an HTML fragment of that step's key figures."""
+    """notebook prefix (01..05) -> an HTML fragment of that step's key figures, read from what the
+    notebooks wrote into run_dir: 01 dialogues, splits and tokens; 02 each model's training result
+    and held-out loss, and the OpenAI request's estimate; 03 the metrics table and the human-score
+    summary; 05 the cost table of cost/summary.json. A step without artefacts has no entry."""
+    import math
+
+    def num(value: Any, spec: str = ".3f") -> str:
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            return "n/a"
+        return "n/a" if math.isnan(f) else format(f, spec)
+
+    def frame_html(frame) -> str:
+        return frame.to_html(index=False, classes="metrics", na_rep="n/a", float_format=lambda x: f"{x:.3f}")
+
     out: dict[str, str] = {}
     stats = _read_json(run_dir / "data" / "stats.json")
     if stats:
@@ -107,35 +122,86 @@ def key_figures(run_dir: Path) -> dict[str, str]:
             (f"tokens{label}", " / ".join(f"{tokens.get(k, 0):,}" for k in ("train", "valid", "test"))),
             ("format errors", sum(stats.get("format_errors", {}).values())),
         ])
+
+    # 02: one row per model card (training result, held-out loss), then the OpenAI request's estimate
     models = run_dir / "models"
     rows = []
     for card_file in sorted(models.glob("*.json")) if models.is_dir() else []:
         card = _read_json(card_file) or {}
         metrics = card.get("training_metrics") or {}
-        if card.get("kind") == "local_lora" and metrics:
-            detail = (f"held-out loss base {metrics.get('base_valid_loss', float('nan')):.3f} → "
-                      f"adapter {metrics.get('adapter_valid_loss', float('nan')):.3f}")
+        kind = card.get("kind", "openai")
+        if kind == "local_lora":
+            from .cost_report import device_label
+            result = (f"{num(metrics.get('epochs'), '.1f')} epochs, {num(metrics.get('train_tokens_per_s'), ',.0f')} "
+                      f"tokens/s on {device_label(card)[0]}, {num(metrics.get('wall_s'), ',.1f')} s"
+                      + ("" if card.get("finished", True) else " — PARTIAL"))
+            loss = (f"base {num(metrics.get('base_valid_loss'))} → adapter {num(metrics.get('adapter_valid_loss'))}"
+                    if metrics else "n/a")
         else:
-            detail = f"status {card.get('status', 'n/a')}"
-        rows.append((f"{card.get('kind', '?')}: {card.get('model_id', card_file.stem)}", detail))
+            actual = card.get("actual_cost") or {}
+            result = f"status {card.get('status', 'n/a')}"
+            if card.get("trained_tokens"):
+                result += f", {int(card['trained_tokens']):,} trained tokens"
+            if "usd" in actual:
+                result += f", actual ${actual['usd']:,.2f}"
+            valid = metrics.get("final_valid_loss", metrics.get("final_full_valid_loss"))
+            loss = (f"train {num(metrics.get('final_train_loss'))}, valid {num(valid)}"
+                    if metrics.get("final_train_loss") is not None or valid is not None else "n/a")
+        rows.append((f"{kind}: {card.get('model_id') or card_file.stem}", f"{result}; held-out loss: {loss}"))
     request = _read_json(run_dir / "openai" / "job_request.json")
     if request:
-        est = request.get("estimate", request)
-        rows.append(("OpenAI job request", f"estimated ${est.get('estimated_cost_usd', '?')} "
-                                          f"({est.get('billed_tokens', '?')} billed tokens, {est.get('epochs', '?')} epochs)"))
+        tag = "estimate" if request.get("is_estimate", True) else "computed"
+        usd = request.get("estimated_cost_usd")
+        rows.append((f"OpenAI job request ({request.get('mode', '?')})",
+                     f"{tag}: ${usd:,.4f} for {request.get('billed_tokens', 0):,} billed tokens, "
+                     f"{request.get('epochs', '?')} epochs" if isinstance(usd, (int, float)) else "no estimate"))
     if rows:
         out["02"] = _table(rows)
-    metrics_csv = run_dir / "eval" / "metrics.csv"
+
+    # 03: automatic metrics and the human-score summary (scoring.export_csv's human_summary.csv, or the
+    # raw append-only scores when no CSV was exported)
+    parts = []
+    eval_dir = run_dir / "eval"
+    metrics_csv = eval_dir / "metrics.csv"
     if metrics_csv.is_file():
         import pandas as pd
-        out["03"] = pd.read_csv(metrics_csv).round(3).to_html(index=False, classes="metrics")
+        parts.append("<h3>Automatic metrics</h3>" + frame_html(pd.read_csv(metrics_csv).round(3)))
+    summary_csv = next(iter(sorted(eval_dir.rglob("*human_summary.csv"))), None) if eval_dir.is_dir() else None
+    human = None
+    source = ""
+    if summary_csv is not None:
+        import pandas as pd
+        try:
+            human, source = pd.read_csv(summary_csv), str(summary_csv.relative_to(run_dir))
+        except (OSError, ValueError):
+            human = None
+    elif (eval_dir / "human_scores").is_dir() and any((eval_dir / "human_scores").glob("*.jsonl")):
+        from . import scoring
+        try:
+            human = scoring.summarize(scoring.load_scores(eval_dir / "human_scores"))
+            source = "eval/human_scores/*.jsonl"
+        except Exception:  # noqa: BLE001 - the index must render whatever the scores hold
+            human = None
+    if human is not None and len(human) and {"model", "criterion", "mean"} <= set(human.columns):
+        keys = [c for c in ("split", "model") if c in human.columns and human[c].notna().any()]
+        table = human.pivot_table(index=keys, columns="criterion", values="mean", aggfunc="first").round(2)
+        table.columns.name = None
+        if "n" in human.columns:
+            table.insert(0, "n (per criterion, max)", human.groupby(keys)["n"].max())
+        demo = int(human["n_demo"].sum()) if "n_demo" in human.columns else 0
+        note = (f"<p>Mean 0–5 human score per criterion, from <code>{html.escape(source)}</code>"
+                + (f"; includes {demo} DEMO scores (seeded by demo_scores, not human judgements)" if demo else "")
+                + ".</p>")
+        parts.append("<h3>Human scores</h3>" + note + table.reset_index().to_html(index=False, classes="metrics"))
+    if parts:
+        out["03"] = "\n".join(parts)
+
+    # 05: the cost table of cost/summary.json (every figure with its basis and the prices' date)
     cost = _read_json(run_dir / "cost" / "summary.json")
     if cost:
-        rows = [(m, f"${v.get('usd', 0):,.2f} / ¥{v.get('jpy', 0):,.0f} ({v.get('billed_tokens', 0):,} tokens, {v.get('epochs')} epochs)")
-                for m, v in (cost.get("training") or {}).items()]
-        out["05"] = _table(rows + [("prices as of", cost.get("prices_as_of"))])
+        from .cost_report import key_figure_rows
+        out["05"] = _table(key_figure_rows(cost))
     return out
-
 
 INDEX_CSS = """body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #ddd;padding:.3em .6em;text-align:left}
@@ -144,28 +210,36 @@ section{border-top:1px solid #ccc;margin-top:1.5em}code{background:#f5f5f5;paddi
 
 
 def write_index(out_dir: Path, runs: list[NotebookRun], params: dict[str, Any], params_path: str) -> Path:
+    """reports/<run>/index.html: the run's parameters, data sha256 and token counter first, then one
+    section per notebook — linked to its HTML — with its key figures and its figures embedded."""
     run_dir = resolve(params.get("run_dir", "runs/default"))
     stats = _read_json(run_dir / "data" / "stats.json") or {}
     figures = key_figures(run_dir)
+    counter = stats.get("token_counter", "n/a")
+    exact = "n/a" if counter == "n/a" else ("an estimate: every token count and cost derived from it is one"
+                                             if str(counter).startswith("estimate") else "exact")
     head = [("parameter file", params_path), ("run_dir", str(params.get("run_dir"))),
-            ("token counter", stats.get("token_counter", "n/a")),
+            ("token counter", counter), ("token counts are", exact),
             ("generated", time.strftime("%Y-%m-%d %H:%M:%S"))]
     for split, sha in (stats.get("data_sha256") or {}).items():
         head.append((f"data sha256 ({split})", sha))
+    param_rows = [(k, json.dumps(v, ensure_ascii=False) if not isinstance(v, str) else v) for k, v in params.items()]
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>Report: {html.escape(out_dir.name)}</title>"
              f"<style>{INDEX_CSS}</style></head><body>",
              f"<h1>KokoroChat fine-tuning report — <code>{html.escape(out_dir.name)}</code></h1>",
              _table(head),
-             "<details><summary>all parameters</summary><pre>"
-             + html.escape(json.dumps(params, ensure_ascii=False, indent=2)) + "</pre></details>"]
+             "<h2>Parameters</h2>", _table(param_rows),
+             "<h2>Notebooks</h2><ol>"
+             + "".join(f"<li><a href='{html.escape(r.html.name)}'>{html.escape(r.name)}</a> — "
+                       f"<span class='{r.status}'>{r.status}</span></li>" for r in runs) + "</ol>"]
     for r in runs:
         status = f"<span class='{r.status}'>{r.status}</span>" + (f" in {r.seconds:.0f} s" if r.seconds else "")
         parts.append(f"<section><h2><a href='{html.escape(r.html.name)}'>{html.escape(r.name)}</a> — {status}</h2>")
         if r.error:
             parts.append(f"<pre class='failed'>{html.escape(r.error[-3000:])}</pre>")
-        parts.append(figures.get(r.name[:2], ""))
+        parts.append(figures.get(r.name[:2], "") or "<p>No key figures recorded for this step in run_dir.</p>")
         parts.extend(f"<img src='data:image/png;base64,{png}'>" for png in r.images)
-        parts.append("</section>")
+        parts.append(f"<p><a href='{html.escape(r.html.name)}'>open {html.escape(r.name)}</a></p></section>")
     parts.append("</body></html>")
     index = out_dir / "index.html"
     index.write_text("\n".join(parts), encoding="utf-8")
