@@ -965,7 +965,8 @@ def _criteria_block(stats: dict[str, dict[str, Any]], confidence: float) -> dict
     return block
 
 
-def write_evaluation_results(run_dir: str | Path, summary, *, agreement=None, metrics=None,
+def write_evaluation_results(run_dir: str | Path, summary=None, *, agreement=None, metrics=None,
+                             metrics_by_split=None,
                              models: Mapping[str, str] | None = None) -> dict[str, dict[str, str]]:
     """Write the human-score summary into each model card's ``evaluation_results`` in the seeds'
     shape ``{test_evaluation, valid_evaluation, summary, timestamp}``.
@@ -976,7 +977,9 @@ def write_evaluation_results(run_dir: str | Path, summary, *, agreement=None, me
     (exactly, from n, mean, sd). ``agreement``: an agreement_table() frame or a list of
     Agreement, stored as ``summary.human_agreement``. ``metrics``: automatic metrics, a frame
     with a ``model`` column (or model index) or ``{model: {metric: value}}``, stored as
-    ``summary.automatic_metrics``. ``models`` maps a model name in the scores to a card's
+    ``summary.automatic_metrics``; ``metrics_by_split`` (compute_metrics(..., by="split")) goes to
+    ``test_evaluation.automatic_metrics`` / ``valid_evaluation.automatic_metrics``. A model with
+    metrics but no human scores (yet) still gets its metrics written. ``models`` maps a model name in the scores to a card's
     model_id when they differ. Cards are matched by model_id (or file name) and updated
     atomically; existing keys of evaluation_results written by other steps are kept.
 
@@ -984,9 +987,9 @@ def write_evaluation_results(run_dir: str | Path, summary, *, agreement=None, me
     or an endpoint that has no card."""
     from . import cards
 
-    if "model" not in summary.columns:
+    if summary is not None and "model" not in summary.columns:
         raise ValueError("summary needs a 'model' column (summarize(scores_df) groups by model)")
-    confidence = float(summary.attrs.get("confidence", 0.95))
+    confidence = float(summary.attrs.get("confidence", 0.95)) if summary is not None else 0.95
     agreement_info = None
     if agreement is not None:
         rows = agreement.to_dict("records") if hasattr(agreement, "to_dict") else [asdict(a) for a in agreement]
@@ -994,8 +997,20 @@ def write_evaluation_results(run_dir: str | Path, summary, *, agreement=None, me
                                            "n_units": int(r["n_units"]), "reason": r.get("reason") or ""}
                           for r in rows}
     metrics_of = _metrics_by_model(metrics)
+    split_metrics: dict[str, dict[str, dict[str, Any]]] = {}
+    if metrics_by_split is not None:
+        frame = metrics_by_split if "model" in metrics_by_split.columns else metrics_by_split.reset_index()
+        for row in frame.to_dict("records"):
+            target = {"test": "test_evaluation", "valid": "valid_evaluation",
+                      "validation": "valid_evaluation"}.get(str(row.pop("split", "")))
+            model = str(row.pop("model"))
+            if target:
+                split_metrics.setdefault(model, {})[target] = {
+                    k: (_num(v, 6) if isinstance(v, numbers.Number) else v) for k, v in row.items()}
+    groups = dict(tuple(summary.groupby("model", sort=True))) if summary is not None else {}
     written, skipped = {}, {}
-    for model, group in summary.groupby("model", sort=True):
+    for model in sorted(set(groups) | set(metrics_of) | set(split_metrics)):
+        group = groups.get(model)
         card_id = (models or {}).get(model, model)
         try:
             path, card = cards.find_card(run_dir, card_id)
@@ -1003,16 +1018,20 @@ def write_evaluation_results(run_dir: str | Path, summary, *, agreement=None, me
             skipped[model] = str(exc)
             continue
         new: dict[str, dict[str, Any]] = {}
-        if "split" in group.columns:
+        for target, values in split_metrics.get(model, {}).items():
+            new.setdefault(target, {})["automatic_metrics"] = values
+        summary_block: dict[str, Any] = {}
+        if group is not None and "split" in group.columns:
             for split, sub in group.groupby("split", dropna=True):
                 target = {"test": "test_evaluation", "valid": "valid_evaluation",
                           "validation": "valid_evaluation"}.get(str(split))
                 if target:
                     stats = {c: _pool(rows, confidence) for c, rows in sub.groupby("criterion", sort=False)}
                     new.setdefault(target, {})["human_scores"] = _criteria_block(stats, confidence)
-        pooled = {c: _pool(rows, confidence) for c, rows in group.groupby("criterion", sort=False)}
-        summary_block: dict[str, Any] = {"human_scores": _criteria_block(pooled, confidence)}
-        if agreement_info is not None:
+        if group is not None:
+            pooled = {c: _pool(rows, confidence) for c, rows in group.groupby("criterion", sort=False)}
+            summary_block["human_scores"] = _criteria_block(pooled, confidence)
+        if agreement_info is not None and group is not None:
             summary_block["human_agreement"] = agreement_info
         if model in metrics_of:
             summary_block["automatic_metrics"] = metrics_of[model]

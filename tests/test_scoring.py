@@ -676,3 +676,20 @@ def test_write_evaluation_results_into_cards(tmp_path):
     again = write_evaluation_results(run_dir, summarize(df), models={"tiny-base": model_b})
     assert set(again["written"]) == {model_a, model_b, "tiny-base"}
     assert cards.load_card(pa)["evaluation_results"]["test_evaluation"]["automatic"] == {"chrf": 12.5}
+
+
+def test_write_evaluation_results_with_metrics_only(tmp_path):
+    """Before anyone has scored, the automatic metrics still land in the card, per split and pooled."""
+    import pandas as pd
+    run_dir = tmp_path / "run"
+    path = cards.save_card(cards.card_path(run_dir, "lora-x"), cards.new_card("local_lora", "lora-x", "tiny", {}))
+    pooled = pd.DataFrame([{"model": "lora-x", "chrf": 20.0}, {"model": "tiny (base)", "chrf": 5.0}])
+    by_split = pd.DataFrame([{"model": "lora-x", "split": "test", "chrf": 18.0},
+                             {"model": "lora-x", "split": "valid", "chrf": 22.0}])
+    result = write_evaluation_results(run_dir, None, metrics=pooled, metrics_by_split=by_split)
+    assert set(result["written"]) == {"lora-x"} and set(result["skipped"]) == {"tiny (base)"}
+    er = cards.load_card(path)["evaluation_results"]
+    assert er["test_evaluation"]["automatic_metrics"] == {"chrf": 18.0}
+    assert er["valid_evaluation"]["automatic_metrics"] == {"chrf": 22.0}
+    assert er["summary"]["automatic_metrics"] == {"chrf": 20.0}
+    assert "human_scores" not in er["summary"] and er["timestamp"]
