@@ -3,7 +3,8 @@
 What it does:
   1. builds (or reuses, with --corpus-dir) a folder of pretty-printed one-dialogue JSON files
      shaped like the GitHub release: 6,589 files named <evaluation_id>.json (ids 4..7234 with
-     gaps), ~600k utterances (~91 per dialogue, 30..360), ~17 M characters, ~134 MB. Everything
+     gaps), 600,939 utterances (~91 per dialogue, 30..360), ~17 M characters; ~143 MB with
+     the sample files' 4-space indent (the release itself is ~134 MB). Everything
      is recombined, deterministically (seeded), from the project's own sample dialogues in
      kokoro_helpers/sample_data: never any KokoroChat text;
   2. times, in the same run and with the page cache warm, (a) the baseline: open + json.load of
@@ -221,14 +222,18 @@ def baseline(folder: Path) -> int:
     return n
 
 
-def pipeline(folder: Path):
-    run_dir = Path(tempfile.mkdtemp(prefix="bench_run_"))
-    try:
-        t = time.perf_counter()
-        result = prepare_data(dataset_source=str(folder), run_dir=run_dir, progress=False)
-        return time.perf_counter() - t, result
-    finally:
-        shutil.rmtree(run_dir, ignore_errors=True)
+def pipeline(folder: Path, run_dir: Path):
+    """The whole 01_data step on the folder, writing run_dir/data/."""
+    return prepare_data(dataset_source=str(folder), run_dir=run_dir, progress=False)
+
+
+def timed(fn, *args):
+    """(wall seconds, CPU seconds of this process, result): CPU time is shown too because a
+    shared machine's load inflates wall time; the ratio uses wall time."""
+    gc.collect()
+    w, c = time.perf_counter(), time.process_time()
+    result = fn(*args)
+    return time.perf_counter() - w, time.process_time() - c, result
 
 
 def main(argv=None) -> int:
@@ -247,21 +252,25 @@ def main(argv=None) -> int:
         counter = get_token_counter()          # resolve (and cache) the counter before timing
         print(f"token counter: {counter.name}")
         baseline(folder)                        # warm the page cache
-        base_times, pipe_times, result = [], [], None
+        base_times, pipe_times, base_cpu, pipe_cpu, result = [], [], [], [], None
         for _ in range(max(1, args.repeat)):   # interleaved, so drift hits both alike
-            gc.collect()
-            t = time.perf_counter()
-            baseline(folder)
-            base_times.append(time.perf_counter() - t)
-            result = None
-            gc.collect()
-            dt, result = pipeline(folder)
-            pipe_times.append(dt)
+            wall, cpu, _n = timed(baseline, folder)
+            base_times.append(wall)
+            base_cpu.append(cpu)
+            result = None                      # free the previous run's data first
+            run_dir = Path(tempfile.mkdtemp(prefix="bench_run_"))
+            try:
+                wall, cpu, result = timed(pipeline, folder, run_dir)
+            finally:
+                shutil.rmtree(run_dir, ignore_errors=True)   # not timed
+            pipe_times.append(wall)
+            pipe_cpu.append(cpu)
         b, p = min(base_times), min(pipe_times)
         stats = result.stats
-        print(f"baseline (open + json.load, {summary['files']} files): best {b:.3f} s "
-              f"of {[round(x, 3) for x in base_times]}")
-        print(f"pipeline (prepare_data): best {p:.3f} s of {[round(x, 3) for x in pipe_times]}")
+        print(f"baseline (open + json.load, {summary['files']} files, 1 process): best {b:.3f} s "
+              f"of {[round(x, 3) for x in base_times]}  (CPU best {min(base_cpu):.3f} s)")
+        print(f"pipeline (prepare_data): best {p:.3f} s of {[round(x, 3) for x in pipe_times]}  "
+              f"(CPU best {min(pipe_cpu):.3f} s)")
         print(f"dialogues/s: baseline {summary['files'] / b:,.0f}, pipeline {summary['files'] / p:,.0f}")
         print(f"dialogues_in {stats['dialogues_in']}, dialogues_kept {stats['dialogues_kept']}, "
               f"rejected {stats['rejected']}, format_errors {stats['format_errors']}")
@@ -272,6 +281,7 @@ def main(argv=None) -> int:
         print(f"splits {splits}{expect}")
         print(f"tokens {stats['tokens']}, windowed_dialogues {stats['windowed_dialogues']}")
         print(f"token_counter {stats['token_counter']}")
+        print(f"cpu ratio: {min(pipe_cpu) / min(base_cpu):.2f}  (pipeline CPU / baseline CPU, for reference)")
         print(f"ratio: {p / b:.2f}")
     finally:
         if args.corpus_dir is None:

@@ -63,13 +63,32 @@ def score_bounds(min_score: int | None, max_score: int | None, score_subset: str
     return min_score, max_score
 
 
+try:  # orjson writes exactly json.dumps(r, ensure_ascii=False, separators=(",", ":")) as UTF-8, faster
+    from orjson import dumps as _dumps_bytes
+except ImportError:
+    _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+    def _dumps_bytes(obj: Any) -> bytes:
+        return _encode(obj).encode("utf-8")
+
+
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> str:
     """Write rows as JSON lines atomically (tmp file + rename); returns the sha256 of the file."""
-    blob = "".join(json.dumps(r, ensure_ascii=False, separators=(",", ":")) + "\n" for r in rows).encode("utf-8")
+    # line by line (same bytes, same hash): no file-sized intermediate strings, whose fresh
+    # memory costs more than the copying itself on a large split
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(blob)
+    digest = hashlib.sha256()
+    try:
+        with open(tmp, "wb", buffering=1 << 20) as f:
+            for r in rows:
+                line = _dumps_bytes(r) + b"\n"
+                digest.update(line)
+                f.write(line)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
-    return hashlib.sha256(blob).hexdigest()
+    return digest.hexdigest()
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -157,6 +176,7 @@ def prepare_data(
     kept: list[Dialogue] = []
     tokens_by_id: dict[Any, list[int]] = {}
     turns_by_id: dict[Any, int] = {}
+    chars_by_id: dict[Any, tuple[int, int]] = {}
     windowed = 0
     for d in tqdm(selected, desc="convert", unit="dlg", disable=not progress or len(selected) < 2000):
         messages = to_messages(d, system_prompt)
@@ -175,6 +195,9 @@ def prepare_data(
         tokens_by_id[d.id] = [sum(counter.message_costs(w)) + REPLY_PRIMING for w in windows] \
             if len(windows) > 1 else [sum(costs) + REPLY_PRIMING]
         turns_by_id[d.id] = len(messages) - (1 if system_prompt else 0)   # == len(to_messages(d))
+        # while this dialogue's utterances are still in the CPU cache (a later pass re-fetches them)
+        chars_by_id[d.id] = (sum(len(t) for r, t in d.utterances if r == "counselor"),
+                             sum(len(t) for r, t in d.utterances if r == "client"))
         kept.append(d)
 
     strata = {d.id: d.topic_en for d in kept} if stratify_by_topic else None
@@ -202,8 +225,8 @@ def prepare_data(
             "score": d.score, "utterances": len(d.utterances),
             "turns": turns_by_id[d.id], "windows": len(msgs),
             "tokens": sum(tokens_by_id[d.id]),
-            "counselor_chars": sum(len(t) for r, t in d.utterances if r == "counselor"),
-            "client_chars": sum(len(t) for r, t in d.utterances if r == "client"),
+            "counselor_chars": chars_by_id[d.id][0],
+            "client_chars": chars_by_id[d.id][1],
             "opens_with_client": bool(d.utterances) and d.utterances[0][0] == "client",
         })
     rejected = Counter(r.reason for r in rejects)

@@ -18,6 +18,11 @@ from typing import Any, Iterator
 
 from .paths import SAMPLE_DIR, resolve
 
+try:  # orjson parses UTF-8 bytes ~2x faster than json (the full corpus is 134 MB of JSON)
+    from orjson import loads as _loads
+except ImportError:  # same results, slower
+    _loads = json.loads
+
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 EMBEDDED = "embedded"
 
@@ -65,13 +70,15 @@ def _read_json_file(path: Path) -> tuple[Any, Reject | None]:
         data = path.read_bytes()
     except OSError as exc:
         return None, Reject(path.name, "unreadable_file", str(exc))
+    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark
+        data = data[3:]
     try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        return None, Reject(path.name, "not_utf8", str(exc))
-    try:
-        return json.loads(text), None
-    except json.JSONDecodeError as exc:
+        return _loads(data), None
+    except ValueError as exc:  # orjson also refuses invalid UTF-8 here: tell the two apart
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            return None, Reject(path.name, "not_utf8", str(bad))
         return None, Reject(path.name, "invalid_json", str(exc))
 
 

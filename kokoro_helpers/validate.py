@@ -3,10 +3,12 @@ guidance), plus the per-example token limit and this project's turn-order contra
 from __future__ import annotations
 
 from collections import Counter
+from operator import eq, itemgetter
 from typing import Any, Iterable
 
 ALLOWED_KEYS = {"role", "content", "name", "function_call", "weight", "tool_calls", "tool_call_id"}
 ALLOWED_ROLES = {"system", "user", "assistant", "function", "tool"}
+_TURN_ROLES = frozenset(("user", "assistant"))
 
 # OpenAI's categories, in the order its guidance lists them
 OPENAI_CATEGORIES = (
@@ -17,6 +19,22 @@ OPENAI_CATEGORIES = (
 PROJECT_CATEGORIES = ("invalid_weight", "not_alternating", "not_ending_on_assistant", "too_many_tokens")
 
 
+def _plain_roles(messages: list) -> list[str] | None:
+    """The roles, when every message is a plain dict of exactly a str "role" in ALLOWED_ROLES and
+    a non-empty str "content" (checked at C speed); None means: run the full per-message checks."""
+    if set(map(type, messages)) != {dict} or set(map(len, messages)) != {2}:
+        return None
+    try:
+        roles = list(map(itemgetter("role"), messages))
+        contents = list(map(itemgetter("content"), messages))
+    except KeyError:
+        return None
+    if (set(map(type, roles)) == {str} and ALLOWED_ROLES.issuperset(roles)
+            and set(map(type, contents)) == {str} and all(contents)):
+        return roles
+    return None
+
+
 def example_errors(example: Any, n_tokens: int | None = None, limit: int | None = None) -> list[str]:
     """The error categories of one `{"messages": [...]}` example (empty list: valid)."""
     if not isinstance(example, dict):
@@ -25,7 +43,10 @@ def example_errors(example: Any, n_tokens: int | None = None, limit: int | None 
     if not messages or not isinstance(messages, list):
         return ["missing_messages_list"]
     errors: list[str] = []
-    for m in messages:
+    # fast path: when every message is {"role": allowed str, "content": non-empty str}, the
+    # per-message checks below cannot find anything
+    plain_roles = _plain_roles(messages)
+    for m in (() if plain_roles is not None else messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             errors.append("message_missing_key")
             continue
@@ -40,9 +61,11 @@ def example_errors(example: Any, n_tokens: int | None = None, limit: int | None 
             errors.append("invalid_weight")
     if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
         errors.append("example_missing_assistant_message")
-    roles = [m.get("role") for m in messages if isinstance(m, dict)]
+    roles = plain_roles if plain_roles is not None else [m.get("role") for m in messages if isinstance(m, dict)]
     body = roles[1:] if roles and roles[0] == "system" else roles
-    if any(a == b for a, b in zip(body, body[1:])) or any(r not in ("user", "assistant") for r in body):
+    if any(map(eq, body, body[1:])) or (
+            not _TURN_ROLES.issuperset(body) if plain_roles is not None   # all str: same test
+            else any(r not in ("user", "assistant") for r in body)):
         errors.append("not_alternating")
     if body and body[-1] != "assistant":
         errors.append("not_ending_on_assistant")
