@@ -97,6 +97,23 @@ def update_card(path: str | Path, **fields: Any) -> dict[str, Any]:
     return card
 
 
+def adapter_dir(card: dict[str, Any], card_path: str | Path | None = None) -> Path | None:
+    """The adapter folder of a ``local_lora`` card: ``adapter_path`` as absolute, relative to the
+    project root, or relative to the card's folder; else ``<models>/<card file name>/``.
+    None if none of these exists."""
+    candidates: list[Path] = []
+    raw = card.get("adapter_path")
+    if raw:
+        p = Path(str(raw)).expanduser()
+        if p.is_absolute():
+            candidates.append(p)
+        else:
+            candidates += [resolve(p)] + ([Path(card_path).parent / p] if card_path else []) + [p]
+    if card_path is not None:
+        candidates.append(Path(card_path).with_suffix(""))
+    return next((c.resolve() for c in candidates if c.is_dir()), None)
+
+
 def list_cards(run_dir: str | Path) -> list[tuple[Path, dict[str, Any]]]:
     """Every readable card of the run, newest first (corrupt ones are skipped, not fatal)."""
     folder = models_dir(run_dir)

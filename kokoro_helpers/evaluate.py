@@ -506,23 +506,6 @@ def _file_sha256(path: Path, limit: int = 1 << 30) -> str | None:
     return h.hexdigest()
 
 
-def resolve_adapter_path(card: Mapping[str, Any], card_path: str | Path | None = None) -> Path | None:
-    """The adapter folder of a local_lora card: `adapter_path` as absolute, relative to the card's
-    folder, or relative to the project root; else `<models>/<card name>/`. None if none exists."""
-    candidates: list[Path] = []
-    raw = card.get("adapter_path")
-    if raw:
-        p = Path(str(raw)).expanduser()
-        candidates.append(p)
-        if not p.is_absolute():
-            if card_path is not None:
-                candidates.append(Path(card_path).parent / p)
-            candidates.append(resolve(p))
-    if card_path is not None:
-        candidates.append(Path(card_path).with_suffix(""))
-    return next((c for c in candidates if c.is_dir()), None)
-
-
 class LocalResponder:
     """Replies from a local model: a `local_lora` card (its adapter, or with `base_only=True` its
     base model as a baseline), a card file, or a model folder.
@@ -581,7 +564,8 @@ class LocalResponder:
             if self.card is not None and self.base_only:
                 fp = f"base:{self.card.get('base_model')}"
             elif self.card is not None:
-                folder = resolve_adapter_path(self.card, self.card_path)
+                from .cards import adapter_dir
+                folder = adapter_dir(self.card, self.card_path)
                 sha = _file_sha256(folder / "adapter_model.safetensors") if folder else None
                 fp = f"adapter-sha256:{sha}" if sha else f"card:{self.card.get('model_id')}@{self.card.get('timestamp')}"
             else:

@@ -1,0 +1,135 @@
+"""Local LoRA training throughput: the trainer vs the seeds' fixed-length padding, in one run.
+
+Both runs use the same trainer code, base model, data (the embedded default's train split, made
+by 01_data into a temporary folder), LoRA settings, seed, number of optimizer steps and loss
+masking (assistant tokens only). They differ only in batching:
+
+- trainer:  batches grouped by length, each right-padded to its own longest sequence, plain causal
+            attention (right padding never reaches a real token, so no padding mask is needed);
+- baseline: the seeds' style — random batches, every sequence padded to ``max_length``, no packing,
+            with the attention mask their Hugging Face pipeline passed.
+
+Throughput counts real (non-padding) tokens per second of training-step time; both runs train
+exactly the same real tokens, so the ratio is the time the baseline wastes on padding.
+Each configuration runs ``--repeats`` times, alternating; as the batches are identical from
+repeat to repeat (same seed), the time of each optimizer step is taken as its fastest repeat —
+a shared CPU's bursts of load from other jobs then do not decide the result (the per-run
+figures are printed too). Prints both padding fractions and tokens/s, and ``ratio: X``
+(trainer / baseline) last.
+
+    .venv/bin/python benchmarks/bench_train.py                      # embedded default, CPU
+    .venv/bin/python benchmarks/bench_train.py --random-init qwen2-0.5b   # on a GPU: real-size model
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # as the trainer does; before torch loads
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kokoro_helpers.data import prepare_data                       # noqa: E402
+from kokoro_helpers.params import load_params                      # noqa: E402
+from kokoro_helpers.train_lora import LoraTrainConfig, train_lora  # noqa: E402
+
+# Qwen2.5-0.5B's shape (random weights: throughput only, nothing is downloaded)
+SHAPES = {"qwen2-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                             num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+                             tie_word_embeddings=True, max_position_embeddings=32768)}
+
+
+def random_init_base(shape: str, folder: Path, layers: int | None = None) -> str:
+    """Save a randomly initialised Qwen2-shaped model with the tiny model's tokenizer and template."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from kokoro_helpers.tiny_model import build_tiny_model, portable_tokenizer_files
+
+    tok = AutoTokenizer.from_pretrained(build_tiny_model(progress=False))
+    kw = dict(SHAPES[shape])
+    if layers:
+        kw["num_hidden_layers"] = layers
+    config = Qwen2Config(**kw, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config).to(torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    portable_tokenizer_files(folder)
+    return str(folder)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--params", default="params/default.yaml", help="parameter file (01 and Part B names)")
+    ap.add_argument("--epochs", type=int, default=2, help="epochs of the train split for each run")
+    ap.add_argument("--max-length", type=int, help="override max_length (the baseline pads to it)")
+    ap.add_argument("--batch-size", type=int, help="override local_batch_size")
+    ap.add_argument("--random-init", choices=sorted(SHAPES), help="a real-size random model instead of the base")
+    ap.add_argument("--layers", type=int, help="with --random-init: fewer layers (a quick smoke run)")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="runs of each, alternating; the best tokens/s of each counts (a shared CPU is noisy)")
+    args = ap.parse_args(argv)
+
+    params = load_params(args.params)
+    data_args = {k: v for k, v in params.items() if k in inspect.signature(prepare_data).parameters
+                 and k not in ("run_dir", "progress", "token_counter")}
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
+        run_dir = Path(tmp) / "run"
+        os.environ.setdefault("KOKORO_TIKTOKEN_OFFLINE", "1")   # the counts 01 writes do not matter here
+        prepare_data(run_dir=str(run_dir), progress=False, **data_args)
+        overrides = dict(run_dir=str(run_dir), local_epochs=args.epochs, progress=False, resume="never",
+                         save_checkpoints=False, eval_each_epoch=False, evaluate_base=False, max_steps=None)
+        if args.max_length:
+            overrides["max_length"] = args.max_length
+        if args.batch_size:
+            overrides["local_batch_size"] = args.batch_size
+        if args.random_init:
+            overrides["local_base_model"] = random_init_base(args.random_init, Path(tmp) / "base", args.layers)
+            overrides["local_mode"] = "train"
+        base_cfg = LoraTrainConfig.from_params(params, **overrides)
+        # build (or find) the base once, outside both measurements
+        from kokoro_helpers.tiny_model import resolve_base_model
+        resolve_base_model(base_cfg.local_base_model, progress=True)
+
+        results: dict[str, dict] = {}
+        step_times: dict[str, list[list[float]]] = {"trainer": [], "baseline": []}
+        for rep in range(max(1, args.repeats)):
+            for label, batching in (("trainer", "grouped"), ("baseline", "max_length")):
+                cfg = LoraTrainConfig.from_params(params, **overrides, batching=batching,
+                                                  local_run_name=f"bench-{batching}")
+                t0 = time.perf_counter()
+                res = train_lora(cfg)
+                m = res.metrics
+                print(f"{label:9s} run {rep + 1}: batching={batching:10s} steps={m['global_step']:4d} "
+                      f"real tokens={m['train_tokens']:,} padding fraction={m['padding_fraction']:.3f} "
+                      f"train time={m['train_time_s']:.2f} s tokens/s={m['train_tokens_per_s']:,.0f} "
+                      f"(whole run {time.perf_counter() - t0:.1f} s)", flush=True)
+                step_times[label].append([r["time_s"] for r in res.history["train"]])
+                results[label] = m
+        for label, runs in step_times.items():       # fastest repeat of each (identical) step
+            best = sum(min(times) for times in zip(*runs))
+            results[label] = dict(results[label], train_time_s=best,
+                                  train_tokens_per_s=results[label]["train_tokens"] / best)
+        a, b = results["trainer"], results["baseline"]
+        if a["train_tokens"] != b["train_tokens"] or a["global_step"] != b["global_step"]:
+            print("error: the two runs did not train the same tokens and steps", file=sys.stderr)
+            return 1
+        print(f"model: {base_cfg.local_base_model}{' (random init)' if args.random_init else ''}; "
+              f"max_length {base_cfg.max_length}, batch {base_cfg.local_batch_size}, "
+              f"{args.epochs} epoch(s), LoRA r={base_cfg.lora_r} on {base_cfg.target_modules}, "
+              f"each step timed as its fastest of {max(1, args.repeats)} repeat(s)")
+        print(f"padding fraction: trainer {a['padding_fraction']:.3f} vs baseline {b['padding_fraction']:.3f}")
+        print(f"training-step time: trainer {a['train_time_s']:.2f} s vs baseline {b['train_time_s']:.2f} s "
+              f"for the same {a['train_tokens']:,} real tokens")
+        print(f"tokens/s: trainer {a['train_tokens_per_s']:,.0f} vs baseline {b['train_tokens_per_s']:,.0f}")
+        print(f"ratio: {a['train_tokens_per_s'] / b['train_tokens_per_s']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

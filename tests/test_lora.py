@@ -1,0 +1,357 @@
+"""Local LoRA path (issue #4): label masking, windows, batching, training, save/load, resume.
+
+Everything runs offline on the CPU with a very small tiny-model recipe (built in seconds into a
+temporary cache) and a cut-down copy of the embedded sample's splits, so the whole file takes
+well under a minute and a half on 2 cores.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kokoro_helpers import cards
+from kokoro_helpers import tiny_model as tm
+from kokoro_helpers.data import prepare_data
+from kokoro_helpers.lora_data import (IGNORE_INDEX, ChatEncoder, ChatTemplateError, encode_examples,
+                                      length_grouped_batches, padding_fraction, random_batches, window_example)
+from kokoro_helpers.train_lora import LoraRun, LoraTrainConfig, main, make_plan, train_lora
+
+SMALL = tm.TinyRecipe(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+                      warmup_steps=3, warmup_batch_size=2, warmup_seq_len=64)
+SYSTEM = "あなたは相談者の話に丁寧に耳を傾ける心理カウンセラーです。"
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory) -> Path:
+    return tm.build_tiny_model(SMALL, root=tmp_path_factory.mktemp("tiny-cache"), progress=False)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(base_dir):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(base_dir)
+
+
+@pytest.fixture(scope="module")
+def encoder(tokenizer) -> ChatEncoder:
+    return ChatEncoder(tokenizer)
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    """01_data's real output on the embedded sample (with a system prompt)."""
+    run_dir = tmp_path_factory.mktemp("sample-run")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KOKORO_TIKTOKEN_OFFLINE", "1")
+        result = prepare_data(run_dir=str(run_dir), system_prompt=SYSTEM, progress=False)
+    return result
+
+
+@pytest.fixture
+def small_run(sample, tmp_path) -> Path:
+    """A run_dir whose data/ holds the first 6 train and 2 valid examples of the sample."""
+    data = tmp_path / "run" / "data"
+    data.mkdir(parents=True)
+    for split, n in (("train", 6), ("valid", 2)):
+        rows = sample.examples[split][:n]
+        (data / f"{split}.jsonl").write_text(
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return tmp_path / "run"
+
+
+def config(run_dir: Path, base_dir: Path, **kw) -> LoraTrainConfig:
+    values = dict(run_dir=str(run_dir), local_base_model=str(base_dir), local_mode="train", lora_r=4,
+                  lora_alpha=8, local_epochs=2, local_batch_size=2, learning_rate=5e-3, max_length=256,
+                  local_run_name="t-lora", progress=False, seed=7)
+    values.update(kw)
+    return LoraTrainConfig(**values)
+
+
+def labelled_text(tokenizer, enc) -> str:
+    return tokenizer.decode([t for t, lab in zip(enc.input_ids, enc.labels) if lab != IGNORE_INDEX])
+
+
+# ------------------------------------------------------------------------------------ labels
+
+def test_only_assistant_tokens_carry_labels(encoder, tokenizer):
+    messages = [
+        {"role": "system", "content": SYSTEM},
+        {"role": "assistant", "content": "こんにちは。今日はどうされましたか。"},
+        {"role": "user", "content": "最近眠れなくて。"},
+        {"role": "assistant", "content": "それはおつらいですね。", "weight": 0},
+        {"role": "user", "content": "仕事のことが気になって。"},
+        {"role": "assistant", "content": "お仕事のことが頭から離れないのですね。"},
+    ]
+    enc = encoder.encode(messages)
+    assert len(enc.input_ids) == len(enc.labels)
+    assert all(lab in (IGNORE_INDEX, tok) for tok, lab in zip(enc.input_ids, enc.labels))
+    # exactly the two trained replies, each followed by its end-of-turn token, and nothing else
+    assert labelled_text(tokenizer, enc) == ("こんにちは。今日はどうされましたか。<|im_end|>"
+                                             "お仕事のことが頭から離れないのですね。<|im_end|>")
+    eot = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    labelled_eot = [i for i, lab in enumerate(enc.labels) if lab == eot]
+    all_eot = [i for i, tok in enumerate(enc.input_ids) if tok == eot]
+    assert len(all_eot) == 6 and len(labelled_eot) == 2          # system/user/weight-0 ends are masked
+    assert enc.trained_turns == [1, 5]
+    # the ids are the real chat-template rendering
+    assert tokenizer.decode(enc.input_ids) == tokenizer.apply_chat_template(
+        [{"role": m["role"], "content": m["content"]} for m in messages], tokenize=False)
+
+
+def test_a_window_with_nothing_to_learn_is_skipped_and_counted(encoder):
+    msgs = [{"role": "user", "content": "こんにちは。"}, {"role": "assistant", "content": "はい。", "weight": 0}]
+    items, report = encode_examples([{"messages": msgs}], encoder, max_length=256)
+    assert items == [] and report.untrained_windows == 1 and report.assistant_turns == 0
+
+
+def test_labels_on_the_real_sample(encoder, tokenizer, sample):
+    for example in sample.examples["train"][:10]:
+        msgs = example["messages"]
+        enc = encoder.encode(msgs)
+        want = "".join(m["content"] + "<|im_end|>" for m in msgs
+                       if m["role"] == "assistant" and m.get("weight", 1) != 0)
+        assert labelled_text(tokenizer, enc) == want
+
+
+def test_end_of_turn_is_detected_and_templates_checked(tokenizer):
+    assert ChatEncoder(tokenizer).end_of_turn == "<|im_end|>"
+
+    class NoTemplate:
+        chat_template = None
+        name_or_path = "x"
+
+    with pytest.raises(ChatTemplateError, match="chat template"):
+        ChatEncoder(NoTemplate())
+
+
+QWEN25_STYLE = (  # Qwen2.5-Instruct's template without its tool-calling branches
+    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+    "<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}{%- if not (message.role == 'system' and loop.first) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+LLAMA3_STYLE = (
+    "{{- bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+    "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+ALTERNATING_ONLY = (
+    "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}")
+
+
+def test_other_templates_label_exactly_the_replies(base_dir):
+    from transformers import AutoTokenizer
+
+    convo = [{"role": "assistant", "content": "こんにちは。 "}, {"role": "user", "content": "眠れません。"},
+             {"role": "assistant", "content": "  それはおつらいですね。"}]
+    qwen = AutoTokenizer.from_pretrained(base_dir)
+    qwen.chat_template = QWEN25_STYLE                   # adds a default system prompt, accepts assistant first
+    enc = ChatEncoder(qwen).encode(convo)
+    assert labelled_text(qwen, enc) == "こんにちは。 <|im_end|>  それはおつらいですね。<|im_end|>"
+    assert qwen.decode(enc.input_ids).startswith("<|im_start|>system\nYou are Qwen")
+
+    llama = AutoTokenizer.from_pretrained(base_dir)
+    llama.add_special_tokens({"additional_special_tokens": ["<|begin_of_text|>", "<|start_header_id|>",
+                                                            "<|end_header_id|>", "<|eot_id|>"]})
+    llama.bos_token = "<|begin_of_text|>"
+    llama.chat_template = LLAMA3_STYLE                  # trims content, ends turns with <|eot_id|>
+    encoder = ChatEncoder(llama)
+    assert encoder.end_of_turn == "<|eot_id|>"
+    enc = encoder.encode(convo)
+    assert labelled_text(llama, enc) == "こんにちは。<|eot_id|>それはおつらいですね。<|eot_id|>"
+    assert enc.input_ids[0] == llama.convert_tokens_to_ids("<|begin_of_text|>")
+
+    strict = AutoTokenizer.from_pretrained(base_dir)
+    strict.chat_template = ALTERNATING_ONLY
+    with pytest.raises(ChatTemplateError, match="system_prompt"):
+        ChatEncoder(strict).encode(convo)
+
+
+# ------------------------------------------------------------------------------------ windows
+
+def test_windows_cover_every_assistant_turn_exactly_once(encoder, sample):
+    max_length = 160
+    examples = sample.examples["train"]
+    items, report = encode_examples(examples, encoder, max_length)
+    assert report.windowed_examples > 10 and report.sequences > len(examples)
+    assert all(len(e) <= max_length for e in items)
+    dropped = {(d.source, i) for d in report.dropped for i in d.messages}
+    for source, example in enumerate(examples):
+        msgs = example["messages"]
+        assistants = {i for i, m in enumerate(msgs) if m["role"] == "assistant" and m.get("weight", 1) != 0}
+        trained = [t for e in items if e.source == source for t in e.trained_turns]
+        assert len(trained) == len(set(trained)), f"example {source}: a turn trained twice"
+        lost = {i for i in assistants if (source, i) in dropped}
+        assert set(trained) | lost == assistants and not set(trained) & lost, f"example {source}"
+    assert report.trained_turns + report.dropped_turns == report.assistant_turns
+
+
+def test_every_window_ends_on_a_trained_assistant_turn(encoder, sample):
+    msgs = sample.examples["train"][0]["messages"]
+    windows, dropped = window_example(msgs, encoder, 320)
+    assert len(windows) > 1 and not dropped
+    for w in windows:
+        assert w[0]["role"] == "system" and w[-1]["role"] == "assistant" and w[-1].get("weight", 1) != 0
+        assert len(encoder.encode(w)) <= 320
+
+
+def test_an_exchange_that_cannot_fit_is_dropped_and_reported(encoder):
+    long_reply = "とても長いお返事です。" * 80
+    msgs = [{"role": "system", "content": "短い指示。"},
+            {"role": "user", "content": "こんにちは。"}, {"role": "assistant", "content": "こんにちは。"},
+            {"role": "user", "content": "質問です。"}, {"role": "assistant", "content": long_reply},
+            {"role": "user", "content": "ありがとう。"}, {"role": "assistant", "content": "どういたしまして。"}]
+    items, report = encode_examples([{"messages": msgs}], encoder, max_length=64)
+    assert len(report.dropped) == 1 and report.dropped[0].messages == [3, 4]
+    assert report.dropped[0].tokens > 64
+    assert sorted(t for e in items for t in e.trained_turns) == [2, 6]
+    assert report.dropped_turns == 1 and "DROPPED 1 exchange" in report.summary()
+
+
+# ------------------------------------------------------------------------------------ batches
+
+def test_length_grouping_wastes_less_than_fixed_padding(encoder, sample):
+    items, _ = encode_examples(sample.examples["train"], encoder, 512)
+    lengths = [len(e) for e in items]
+    grouped = length_grouped_batches(lengths, 4, seed=1, epoch=0)
+    assert sorted(i for b in grouped for i in b) == list(range(len(lengths)))
+    assert max(lengths[i] for i in grouped[0]) == max(lengths)           # longest batch first
+    assert grouped != length_grouped_batches(lengths, 4, seed=1, epoch=1)  # reshuffled per epoch
+    assert grouped == length_grouped_batches(lengths, 4, seed=1, epoch=0)  # ... deterministically
+    fixed = padding_fraction(lengths, random_batches(len(lengths), 4, 1, 0), pad_to=512)
+    dynamic = padding_fraction(lengths, grouped)
+    assert dynamic < 0.15 and dynamic < fixed / 2
+
+
+def test_resource_monitor_shows_and_warns_once(tmp_path):
+    from kokoro_helpers.resources import ResourceMonitor
+
+    mon = ResourceMonitor(tmp_path / "not-yet-created", interval=0.0, warn_at=0.0)
+    post = mon.postfix()
+    assert {"cpu", "ram", "disk"} <= set(post) and all(v.endswith("!") for v in post.values())
+    lines = mon.check()
+    assert {line.split()[1] for line in lines} >= {"ram", "disk"} and all(l.startswith("WARNING") for l in lines)
+    assert mon.check() == []                                   # once, not at every step
+    assert ResourceMonitor(tmp_path, warn_at=101.0).check() == []
+    quiet_cpu = ResourceMonitor(tmp_path, warn_at=0.0, warn_cpu=False)
+    assert "cpu" in quiet_cpu.postfix() and not any(" cpu " in line for line in quiet_cpu.check())
+
+
+# ------------------------------------------------------------------------------------ config, plan
+
+def test_config_from_params_coerces_and_validates():
+    cfg = LoraTrainConfig.from_params({"learning_rate": "2e-3", "local_epochs": "2", "other": 1,
+                                       "target_modules": "q_proj, v_proj"}, max_steps=None)
+    assert cfg.learning_rate == 0.002 and cfg.local_epochs == 2 and cfg.target_modules == ["q_proj", "v_proj"]
+    with pytest.raises(ValueError, match="local_mode"):
+        LoraTrainConfig.from_params({"local_mode": "maybe"})
+    with pytest.raises(TypeError, match="unknown"):
+        LoraTrainConfig.from_params({}, lora_rank=4)
+
+
+def test_plan_skips_hub_models_on_cpu(monkeypatch):
+    import kokoro_helpers.train_lora as tl
+
+    monkeypatch.setattr(tl, "_cuda_available", lambda: False)
+    plan = make_plan(LoraTrainConfig(local_base_model="Qwen/Qwen2.5-0.5B-Instruct"))
+    assert plan.action == "skip" and "GPU" in plan.reason and plan.precision == "fp32"
+    assert make_plan(LoraTrainConfig()).action == "train"                      # embedded:tiny on CPU
+    assert make_plan(LoraTrainConfig(local_mode="off")).action == "skip"
+    forced = make_plan(LoraTrainConfig(local_base_model="Qwen/Qwen2.5-0.5B-Instruct", local_mode="train"))
+    assert forced.action == "train" and "slow" in forced.reason
+    result = LoraRun(LoraTrainConfig(local_mode="off")).train()
+    assert not result.trained and "off" in result.skipped
+
+
+def test_cli_skips_cleanly_and_reports_bad_settings(tmp_path, capsys):
+    params = tmp_path / "p.yaml"
+    params.write_text(f"run_dir: {tmp_path / 'r'}\nlocal_mode: 'off'\n", encoding="utf-8")
+    assert main(["--params", str(params)]) == 0
+    assert "skipped" in capsys.readouterr().out.lower()
+    assert main(["--params", str(params), "--set", "local_mode=sometimes"]) == 2
+    assert "local_mode" in capsys.readouterr().err
+    assert main(["--params", str(params), "--set", "local_mode=off"]) == 0     # YAML's off = False
+    assert "skipped" in capsys.readouterr().out.lower()
+
+
+def test_missing_data_says_to_run_01(tmp_path, base_dir):
+    with pytest.raises(FileNotFoundError, match="01_data"):
+        LoraRun(config(tmp_path / "empty", base_dir)).prepare()
+
+
+# ------------------------------------------------------------------------------------ training
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+def test_train_writes_adapter_and_card_and_reloads_identically(small_run, base_dir):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = LoraRun(config(small_run, base_dir, lora_dropout=0.1))
+    result = run.train()
+    folder = small_run / "models" / "t-lora"
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "chat_template.jinja", "README.md", "history.json"):
+        assert (folder / name).is_file(), name
+    card = cards.load_card(small_run / "models" / "t-lora.json")
+    assert card["kind"] == "local_lora" and card["model_id"] == "t-lora"
+    assert card["base_model"] == str(base_dir) and Path(card["adapter_path"]).name == "t-lora"
+    m = card["training_metrics"]
+    for key in ("base_valid_loss", "adapter_valid_loss", "train_tokens_per_s", "padding_fraction", "wall_s",
+                "trainable_params", "total_params"):
+        assert m[key] is not None, key
+    assert 0 < m["trainable_params"] < m["total_params"]
+    assert m["adapter_valid_loss"] < m["base_valid_loss"]
+    assert len(card["loss_history"]["train"]) == m["global_step"] == result.metrics["total_steps"]
+    assert [v["epoch"] for v in card["loss_history"]["valid"]] == [1, 2]
+    assert card["training_params"]["lora_r"] == 4
+    assert any(c["model_id"] == "t-lora" for _, c in cards.list_cards(small_run))
+    readme = (folder / "README.md").read_text(encoding="utf-8")
+    assert "sha256" in readme and card["training_data"]["train_sha256"] in readme
+
+    # the saved adapter + tokenizer reproduce the trained model's logits exactly
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert tok.chat_template == AutoTokenizer.from_pretrained(base_dir).chat_template
+    trained = run.accelerator.unwrap_model(run.model).eval()
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), folder).eval()
+    ids = torch.tensor([run.items["valid"][0].input_ids])
+    with torch.no_grad():
+        a, b = trained(input_ids=ids).logits, loaded(input_ids=ids).logits
+    assert torch.equal(a, b)
+
+
+def test_resume_continues_the_step_count_and_matches_an_uninterrupted_run(small_run, base_dir):
+    from safetensors.torch import load_file
+
+    cfg = config(small_run, base_dir, lora_dropout=0.1, local_epochs=2, evaluate_base=False)
+    part = train_lora(cfg, max_steps=4)
+    total = part.metrics["total_steps"]
+    assert total > 4 and part.metrics["global_step"] == 4 and not part.metrics["finished"]
+    assert (small_run / "checkpoints" / "t-lora" / "checkpoint-4").is_dir()
+
+    resumed = train_lora(cfg)                         # resume="auto": picks up checkpoint-4
+    assert resumed.metrics["resumed_from"] == ["checkpoint-4"]
+    assert [r["step"] for r in resumed.history["train"]] == list(range(1, total + 1))
+    assert resumed.metrics["global_step"] == total and resumed.metrics["finished"]
+
+    straight = train_lora(cfg, local_run_name="t-straight", resume="never")
+    assert [r["loss"] for r in straight.history["train"]] == [r["loss"] for r in resumed.history["train"]]
+    wa = load_file(str(small_run / "models" / "t-lora" / "adapter_model.safetensors"))
+    wb = load_file(str(small_run / "models" / "t-straight" / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys()
+    assert all(wa[k].equal(wb[k]) for k in wa)
+
+
+def test_grad_accum_and_fixed_padding_baseline_train(small_run, base_dir):
+    result = train_lora(config(small_run, base_dir, grad_accum=2, local_epochs=1, batching="max_length",
+                               save_checkpoints=False, local_run_name="t-ga"))
+    m = result.metrics
+    micro_batches = -(-result.data["train"]["sequences"] // 2)
+    assert m["global_step"] == -(-micro_batches // 2)  # one optimizer step per 2 micro-batches
+    assert m["padding_fraction"] > 0.2                 # everything padded to max_length=256
+    assert m["adapter_valid_loss"] < m["base_valid_loss"]
