@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from kokoro_helpers import cards  # noqa: E402
 from kokoro_helpers import generate as gen  # noqa: E402
 from kokoro_helpers.tiny_model import EMBEDDED_TINY, is_embedded  # noqa: E402
 
@@ -45,7 +46,7 @@ def pick_adapter(args, tmp: Path) -> tuple[object, str]:
     if args.model:
         return args.model, f"{args.model} (given)"
     for path, card in gen.local_cards(args.run_dir):
-        if is_embedded(card.get("base_model")) and gen.adapter_dir_of(card, path) is not None:
+        if is_embedded(card.get("base_model")) and cards.adapter_dir(card, path) is not None:
             return path, f"trained adapter {card['model_id']!r} ({gen._portable(path)})"
     folder = gen.init_adapter(tmp / "untrained-adapter", EMBEDDED_TINY, seed=args.seed)
     return folder, "untrained random LoRA adapter on embedded:tiny (no trained card in the run)"
@@ -82,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", help="a card name or adapter folder (default: see the docstring)")
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--max-new-tokens", type=int, default=48,
+                    help="new tokens per prompt in both modes (default 48: the reply length 03 and 04 use on the embedded default)")
     ap.add_argument("--repeat", type=int, default=3,
                     help="best of N interleaved timings per mode (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=42)

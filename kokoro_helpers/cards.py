@@ -8,12 +8,12 @@ so a crash never leaves half a card, and updated in place as a job progresses.
 from __future__ import annotations
 
 import json
-import os
 import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .jsonio import write_json_atomic
 from .paths import resolve
 
 KINDS = ("openai", "local_lora")
@@ -55,16 +55,7 @@ def save_card(path: str | Path, card: dict[str, Any]) -> Path:
     missing = [f for f in BASE_FIELDS if f not in card]
     if missing:
         raise CardError(f"card is missing fields {missing}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(card, f, ensure_ascii=False, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(path, card)
 
 
 def card_path(run_dir: str | Path, name: str) -> Path:

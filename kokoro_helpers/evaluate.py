@@ -49,6 +49,8 @@ from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 from tqdm.auto import tqdm
 
+from .jsonio import file_sha256
+from .retry import is_transient_error
 from .paths import resolve
 from .schema import SPEAKER_LABEL_JA
 
@@ -257,27 +259,6 @@ class Responder(Protocol):
     settings: dict[str, Any]
 
     def respond(self, items: Sequence[Item], on_result: OnResult | None = None) -> list[str]: ...
-
-
-TRANSIENT_STATUS = (408, 409, 425, 429)
-
-
-def is_transient_error(exc: BaseException) -> bool:
-    """Worth retrying: rate limits (429), timeouts, connection errors and server errors (5xx),
-    from the openai SDK or any client raising the builtin TimeoutError / ConnectionError."""
-    try:
-        import openai
-        if isinstance(exc, (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError,
-                            openai.APIConnectionError)):
-            return True
-        if isinstance(exc, openai.APIStatusError):
-            return exc.status_code in TRANSIENT_STATUS or exc.status_code >= 500
-    except ImportError:  # pragma: no cover - openai is a dependency
-        pass
-    if isinstance(exc, (TimeoutError, ConnectionError)):
-        return True
-    status = getattr(exc, "status_code", None)
-    return isinstance(status, int) and (status in TRANSIENT_STATUS or status >= 500)
 
 
 @dataclass
@@ -497,13 +478,10 @@ def _generate_module() -> Any:
 
 
 def _file_sha256(path: Path, limit: int = 1 << 30) -> str | None:
+    """The file's sha256, or None when it is missing or over `limit` bytes (not worth hashing)."""
     if not path.is_file() or path.stat().st_size > limit:
         return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_sha256(path)
 
 
 class LocalResponder:
@@ -1315,7 +1293,7 @@ def transcript(context: Sequence[Mapping[str, Any]]) -> str:
 
 def rubric_prompt(item: Item, response: str, criteria: Mapping[str, str], show_reference: bool = False) -> str:
     lo, hi = SCORE_RANGE
-    lines = [f"以下は相談者とカウンセラーの対話の途中までと、次のカウンセラーの発言の候補です。",
+    lines = ["以下は相談者とカウンセラーの対話の途中までと、次のカウンセラーの発言の候補です。",
              f"候補を次の各基準について {lo}〜{hi} の整数で採点してください"
              f"（{lo} = まったく当てはまらない、{hi} = 非常によく当てはまる）。", "", "## 基準"]
     lines += [f"- {key}: {text}" for key, text in criteria.items()]

@@ -43,6 +43,8 @@ from typing import Any, Callable, Iterable
 
 from . import cards
 from .costs import TrainingEstimate, actual_training_cost, estimate_training, is_auto
+from .jsonio import file_sha256, read_jsonl, write_json_atomic
+from .retry import is_transient_error
 from .paths import project_root, resolve
 from .prices import DEFAULT_PRICES_FILE, PriceTable, load_prices
 from .tokens import TokenCounter, get_token_counter
@@ -101,19 +103,6 @@ def _now() -> str:
 
 def _iso(ts: int | float | None) -> str | None:
     return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds") if ts else None
-
-
-def _write_json(path: Path, obj: Any) -> Path:
-    """Atomic and durable: tmp + fsync + rename (a crash leaves the old or the new file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
 
 
 def _read_json(path: Path, default: Any = None) -> Any:
@@ -268,24 +257,10 @@ class Preflight:
 
 def read_examples(path: Path) -> list[dict[str, Any]]:
     """The examples of a .jsonl file; a clear error naming the line of a broken one."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{i} is not valid JSON ({exc.msg}); re-run 01_data") from None
-    return out
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    try:
+        return read_jsonl(path)
+    except ValueError as exc:
+        raise DataError(f"{exc} (01_data)") from None
 
 
 def preflight(run_dir: str | Path = "runs/default", base_model: str = "gpt-4o-mini-2024-07-18",
@@ -470,7 +445,7 @@ class JobRequest:
             "notes": (["file ids are filled in at upload (upload once per sha256: openai/uploads.json)"]
                       if not self.body.get("training_file") else []) + pf.notes,
         }
-        return _write_json(self.path, self.record)
+        return write_json_atomic(self.path, self.record)
 
     def show(self) -> None:
         """Print job_request.json as written (it holds no secret: the key is never in it)."""
@@ -541,7 +516,7 @@ def upload_once(client: Any, path: str | Path, run_dir: str | Path, verify: bool
     ledger = _read_json(ledger_path, default={}) or {}
     ledger[sha] = {"file_id": fobj.id, "filename": path.name, "bytes": len(data), "purpose": "fine-tune",
                    "uploaded_at": _now()}
-    _write_json(ledger_path, ledger)
+    write_json_atomic(ledger_path, ledger)
     log(f"{path.name}: uploaded as {fobj.id} ({len(data):,} bytes)")
     return fobj.id
 
@@ -662,7 +637,7 @@ def submit(req: JobRequest, client: Any, new_job: bool = False, log: Callable[[s
 
     file_ids = {split: upload_once(client, p, req.run_dir, log=log) for split, p in req.preflight.files.items()}
     req.write(file_ids)
-    _write_json(pending_path, {"request_fingerprint": req.fingerprint, "kokoro_request": tag, "since": _now()})
+    write_json_atomic(pending_path, {"request_fingerprint": req.fingerprint, "kokoro_request": tag, "since": _now()})
     job = client.fine_tuning.jobs.create(**req.body)
     path = write_job_card(req, job, file_ids)          # the job id is safe on disk from here on
     pending_path.unlink(missing_ok=True)
@@ -681,20 +656,6 @@ def cancel(card_path: str | Path, client: Any) -> dict[str, Any]:
 
 
 # --- monitor --------------------------------------------------------------------------------------
-
-def _transient_errors() -> tuple[type[BaseException], ...]:
-    import openai
-    return (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError, openai.APIConnectionError)
-
-
-def _is_transient(exc: BaseException) -> bool:
-    import openai
-    if isinstance(exc, _transient_errors()):
-        return True
-    if isinstance(exc, openai.APIStatusError):
-        return exc.status_code in (408, 409, 429) or exc.status_code >= 500
-    return False
-
 
 class JobMonitor:
     """Follow a job from its card until it ends: status transitions, training-loss events (with a
@@ -738,7 +699,7 @@ class JobMonitor:
                 self.errors_in_a_row = 0
                 return out
             except Exception as exc:
-                if not _is_transient(exc):
+                if not is_transient_error(exc):
                     raise
                 self.errors_in_a_row += 1
                 if self.errors_in_a_row > self.max_errors:

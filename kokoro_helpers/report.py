@@ -12,7 +12,6 @@ rendered, so the error can be read in the browser).
 from __future__ import annotations
 
 import argparse
-import base64
 import html
 import json
 import sys

@@ -48,6 +48,7 @@ from typing import Any, Mapping, Sequence
 from . import cards
 from .lora_data import (IGNORE_INDEX, ChatEncoder, ChatTemplateError, DataReport, EncodedExample, collate, encode_examples,
                         length_grouped_batches, random_batches, sorted_batches)
+from .jsonio import file_sha256, read_jsonl
 from .paths import project_root, resolve
 from .resources import prefer_passive_openmp
 from .tiny_model import EMBEDDED_TINY, is_embedded, portable_tokenizer_files, quiet_transformers
@@ -230,7 +231,7 @@ def make_plan(cfg: LoraTrainConfig) -> Plan:
     if cfg.local_mode == "train":
         why = "local_mode is 'train'"
         if not cuda and not is_embedded(base):
-            why += f" (on the CPU: fine for a small model, slow for a Hub-size one such as a 0.5B base)"
+            why += " (on the CPU: fine for a small model, slow for a Hub-size one such as a 0.5B base)"
         return Plan("train", why, device, precision, world)
     if cuda:
         return Plan("train", "local_mode 'auto' with a GPU", device, precision, world)
@@ -246,28 +247,6 @@ def make_plan(cfg: LoraTrainConfig) -> Plan:
 
 
 # =============================================================================== helpers
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Examples of a split; a clear error for a bad line (with its number)."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{n}: not valid JSON ({exc}); re-run 01_data to rewrite it") from exc
-    return rows
-
 
 def portable_path(path: Path) -> str:
     """A path as cards store it: relative to the project root when inside it, else absolute."""
