@@ -19,6 +19,8 @@ from types import SimpleNamespace
 import pytest
 
 from kokoro_helpers import evaluate as ev
+from kokoro_helpers import judge as jd
+from kokoro_helpers import metrics as mt
 from kokoro_helpers.cards import new_card, save_card
 from kokoro_helpers.data import prepare_data
 from kokoro_helpers.tokens import estimate_counter
@@ -132,17 +134,17 @@ def no_sleep(_):
 
 def test_lcs_and_rouge_l_by_hand():
     # CLRS's example: LCS("ABCBDAB", "BDCABA") = 4 ("BCBA")
-    assert ev.lcs_length("ABCBDAB", "BDCABA") == 4
+    assert mt.lcs_length("ABCBDAB", "BDCABA") == 4
     # hyp 今日は雨 (4 chars), ref 今日は晴れ (5 chars): LCS = 今日は = 3
     # P = 3/4, R = 3/5, F = 2PR/(P+R) = 0.9/1.35 = 2/3
-    r = ev.rouge_l("今日は雨", "今日は晴れ")
+    r = mt.rouge_l("今日は雨", "今日は晴れ")
     assert r["precision"] == pytest.approx(3 / 4)
     assert r["recall"] == pytest.approx(3 / 5)
     assert r["f"] == pytest.approx(2 / 3)
     # whitespace and line breaks are not characters here
-    assert ev.rouge_l("今日は 雨\n", "今日は雨")["f"] == pytest.approx(1.0)
-    assert ev.rouge_l("あいう", "かきく")["f"] == 0.0
-    assert ev.rouge_l("", "かきく")["f"] == 0.0
+    assert mt.rouge_l("今日は 雨\n", "今日は雨")["f"] == pytest.approx(1.0)
+    assert mt.rouge_l("あいう", "かきく")["f"] == 0.0
+    assert mt.rouge_l("", "かきく")["f"] == 0.0
 
 
 def test_rouge_l_agrees_with_rouge_score_when_installed():
@@ -154,31 +156,31 @@ def test_rouge_l_agrees_with_rouge_score_when_installed():
 
     scorer = rs.RougeScorer(["rougeL"], tokenizer=CharTokenizer())
     for hyp, ref in [("今日は雨", "今日は晴れ"), ("ありがとうございます", "ございますありがとう")]:
-        assert ev.rouge_l(hyp, ref)["f"] == pytest.approx(scorer.score(ref, hyp)["rougeL"].fmeasure)
+        assert mt.rouge_l(hyp, ref)["f"] == pytest.approx(scorer.score(ref, hyp)["rougeL"].fmeasure)
 
 
 def test_distinct_n_by_hand():
     texts = ["ああい", "あい"]
     # unigrams: あ あ い | あ い -> 5 in all, 2 distinct -> 0.4
-    assert ev.distinct_n(texts, 1) == pytest.approx(2 / 5)
+    assert mt.distinct_n(texts, 1) == pytest.approx(2 / 5)
     # bigrams: ああ あい | あい -> 3 in all (none across texts), 2 distinct -> 2/3
-    assert ev.distinct_n(texts, 2) == pytest.approx(2 / 3)
-    assert math.isnan(ev.distinct_n(["あ"], 2))          # no bigram at all: undefined, not 0
+    assert mt.distinct_n(texts, 2) == pytest.approx(2 / 3)
+    assert math.isnan(mt.distinct_n(["あ"], 2))          # no bigram at all: undefined, not 0
 
 
 def test_chrf_and_bleu_identity_disjoint_and_by_hand():
     same = ["今日はいい天気ですね"]
-    assert ev.chrf(same, same) == pytest.approx(100.0)
-    assert ev.bleu_char(same, same) == pytest.approx(100.0)
-    assert ev.chrf(["あいうえお"], ["かきくけこ"]) == pytest.approx(0.0)
-    assert ev.bleu_char(["あいうえお"], ["かきくけこ"]) == pytest.approx(0.0)
+    assert mt.chrf(same, same) == pytest.approx(100.0)
+    assert mt.bleu_char(same, same) == pytest.approx(100.0)
+    assert mt.chrf(["あいうえお"], ["かきくけこ"]) == pytest.approx(0.0)
+    assert mt.bleu_char(["あいうえお"], ["かきくけこ"]) == pytest.approx(0.0)
     # chrF("ab" vs "abc"): 1-grams P=2/2 R=2/3, 2-grams P=1/1 R=1/2, no hyp 3..6-grams (not counted)
     # mean P = 1, mean R = 7/12, F(β=2) = 5PR/(4P+R) = (35/12)/(55/12) = 35/55
-    assert ev.chrf(["ab"], ["abc"]) == pytest.approx(100 * 35 / 55, abs=1e-2)
+    assert mt.chrf(["ab"], ["abc"]) == pytest.approx(100 * 35 / 55, abs=1e-2)
     # BLEU(あいうえお vs あいうえおか): every 1..4-gram precision 1, brevity penalty exp(1 - 6/5)
-    assert ev.bleu_char(["あいうえお"], ["あいうえおか"]) == pytest.approx(100 * math.exp(1 - 6 / 5), abs=1e-2)
+    assert mt.bleu_char(["あいうえお"], ["あいうえおか"]) == pytest.approx(100 * math.exp(1 - 6 / 5), abs=1e-2)
     # the char tokenizer ignores spaces
-    assert ev.bleu_char(["今日は いい天気"], ["今日はいい天気"]) == pytest.approx(100.0)
+    assert mt.bleu_char(["今日は いい天気"], ["今日はいい天気"]) == pytest.approx(100.0)
 
 
 def _toy_items():
@@ -195,7 +197,7 @@ def test_compute_metrics_table(tmp_path):
             {"item_id": "valid:b", "model": "other", "response": ""},
             {"item_id": "unknown", "model": "other", "response": "ignored"}]
     ppl = {"copy": {"ref_nll": 1.0, "ref_ppl": math.e, "ref_tokens": 8}}
-    df = ev.compute_metrics(gens, items, perplexity=ppl)
+    df = mt.compute_metrics(gens, items, perplexity=ppl)
     assert list(df.index) == ["copy", "other"]
     copy, other = df.loc["copy"], df.loc["other"]
     assert copy["chrF"] == pytest.approx(100) and copy["BLEU_char"] == pytest.approx(100)
@@ -208,12 +210,12 @@ def test_compute_metrics_table(tmp_path):
     assert copy["ref_ppl"] == pytest.approx(math.e) and math.isnan(other["ref_ppl"])
     # per split, the perplexity is the token-weighted mean of that split's items
     ppl["copy"]["per_item"] = {"test:a": {"nll": 1.0, "tokens": 5}, "valid:b": {"nll": 2.0, "tokens": 3}}
-    by_split = ev.compute_metrics(gens, items, by="split", include_reference=True, perplexity=ppl)
+    by_split = mt.compute_metrics(gens, items, by="split", include_reference=True, perplexity=ppl)
     assert by_split.loc[("copy", "valid"), "distinct_1"] == pytest.approx(2 / 3)
     assert by_split.loc[("copy", "valid"), "ref_nll"] == pytest.approx(2.0)
     assert by_split.loc[("copy", "test"), "ref_ppl"] == pytest.approx(math.e)
     assert by_split.loc[("(reference)", "test"), "length_chars"] == 5
-    path = ev.write_metrics(df, tmp_path)
+    path = mt.write_metrics(df, tmp_path)
     assert path == tmp_path / "eval" / "metrics.csv"
     import pandas as pd
     back = pd.read_csv(path, index_col="model")
@@ -226,7 +228,7 @@ def test_plot_metrics_draws_one_panel_per_metric():
     import matplotlib.pyplot as plt
     items = _toy_items()
     gens = [{"item_id": "test:a", "model": "m1", "response": "今日は"}, {"item_id": "test:a", "model": "m2", "response": "雨"}]
-    fig = ev.plot_metrics(ev.compute_metrics(gens, items), metrics=["chrF", "length_chars"])
+    fig = mt.plot_metrics(mt.compute_metrics(gens, items), metrics=["chrF", "length_chars"])
     assert [ax.get_title() for ax in fig.axes if ax.get_visible()] == ["chrF", "length_chars"]
     plt.close(fig)
 
@@ -572,7 +574,7 @@ def test_perplexity_uniform_model_is_vocab_size(tiny_lm, items):
     model = type(model)(model.config).eval()
     with torch.no_grad():
         model.lm_head.weight.zero_()                 # every logit 0 -> uniform -> NLL = ln V per token
-    out = ev.perplexity_of_references(model, tokenizer, items, progress=False)
+    out = mt.perplexity_of_references(model, tokenizer, items, progress=False)
     V = model.config.vocab_size
     assert out["ref_nll"] == pytest.approx(math.log(V), abs=1e-5)
     assert out["ref_ppl"] == pytest.approx(V, rel=1e-4)
@@ -591,19 +593,19 @@ def test_perplexity_matches_a_manual_computation(tiny_lm, items):
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=torch.tensor([p + r])).logits[0], -1)
     manual = -sum(float(logp[len(p) - 1 + k, t]) for k, t in enumerate(r)) / len(r)
-    one = ev.perplexity_of_references(model, tokenizer, [it], progress=False)
+    one = mt.perplexity_of_references(model, tokenizer, [it], progress=False)
     assert one["ref_nll"] == pytest.approx(manual, abs=1e-5)
     # batching with right padding changes nothing
-    single = ev.perplexity_of_references(model, tokenizer, items, batch_size=1, progress=False)
-    batched = ev.perplexity_of_references(model, tokenizer, items, batch_size=4, progress=False)
+    single = mt.perplexity_of_references(model, tokenizer, items, batch_size=1, progress=False)
+    batched = mt.perplexity_of_references(model, tokenizer, items, batch_size=4, progress=False)
     assert batched["ref_nll"] == pytest.approx(single["ref_nll"], abs=1e-5)
     for k, v in single["per_item"].items():
         assert batched["per_item"][k]["nll"] == pytest.approx(v["nll"], abs=1e-5)
         assert batched["per_item"][k]["tokens"] == v["tokens"]
     # a context too long for max_length is cut from the left, and counted
-    short = ev.perplexity_of_references(model, tokenizer, [it], max_length=len(r) + 5, progress=False)
+    short = mt.perplexity_of_references(model, tokenizer, [it], max_length=len(r) + 5, progress=False)
     assert short["truncated"] == 1 and short["ref_tokens"] == len(r)
-    assert ev.perplexity_of_references(model, tokenizer, [it], max_length=len(r), progress=False)["skipped"] == 1
+    assert mt.perplexity_of_references(model, tokenizer, [it], max_length=len(r), progress=False)["skipped"] == 1
 
 
 # ------------------------------------------------------------------------------------------------
@@ -613,23 +615,23 @@ def test_perplexity_matches_a_manual_computation(tiny_lm, items):
 def test_parse_judge_answers_robustly():
     crit = ["accuracy", "relevance", "expertise"]
     fenced = 'はい。\n```json\n{"scores": {"accuracy": 4, "relevance": "５", "expertise": "3/5"}, "reason": "ok"}\n```'
-    assert ev.parse_rubric(fenced, crit) == ({"accuracy": 4, "relevance": 5, "expertise": 3}, None)
-    scores, error = ev.parse_rubric('{"accuracy": 7, "relevance": 2}', crit)
+    assert jd.parse_rubric(fenced, crit) == ({"accuracy": 4, "relevance": 5, "expertise": 3}, None)
+    scores, error = jd.parse_rubric('{"accuracy": 7, "relevance": 2}', crit)
     assert scores == {"accuracy": None, "relevance": 2, "expertise": None} and "accuracy" in error
-    assert ev.parse_rubric("I cannot judge this.", crit)[1] == "no JSON object in the answer"
-    assert ev.parse_verdict('{"winner": "A"}') == "A"
-    assert ev.parse_verdict('｛"winner": "候補Ｂ"｝') == "B"                  # full-width, NFKC-normalised
-    assert ev.parse_verdict('{"winner": "tie", "reason": "x"}') == "tie"
-    assert ev.parse_verdict("B") == "B" and ev.parse_verdict("maybe") is None
+    assert jd.parse_rubric("I cannot judge this.", crit)[1] == "no JSON object in the answer"
+    assert jd.parse_verdict('{"winner": "A"}') == "A"
+    assert jd.parse_verdict('｛"winner": "候補Ｂ"｝') == "B"                  # full-width, NFKC-normalised
+    assert jd.parse_verdict('{"winner": "tie", "reason": "x"}') == "tie"
+    assert jd.parse_verdict("B") == "B" and jd.parse_verdict("maybe") is None
 
 
 def test_combine_verdicts_counts_a_win_only_when_both_orders_agree():
-    assert ev.combine_verdicts("A", "B", "x", "y") == "x"        # x first wins, x second wins
-    assert ev.combine_verdicts("B", "A", "x", "y") == "y"
-    assert ev.combine_verdicts("A", "A", "x", "y") == "inconsistent"  # always the first position
-    assert ev.combine_verdicts("tie", "tie", "x", "y") == "tie"
-    assert ev.combine_verdicts("A", "tie", "x", "y") == "inconsistent"
-    assert ev.combine_verdicts(None, "A", "x", "y") == "invalid"
+    assert jd.combine_verdicts("A", "B", "x", "y") == "x"        # x first wins, x second wins
+    assert jd.combine_verdicts("B", "A", "x", "y") == "y"
+    assert jd.combine_verdicts("A", "A", "x", "y") == "inconsistent"  # always the first position
+    assert jd.combine_verdicts("tie", "tie", "x", "y") == "tie"
+    assert jd.combine_verdicts("A", "tie", "x", "y") == "inconsistent"
+    assert jd.combine_verdicts(None, "A", "x", "y") == "invalid"
 
 
 def _judge_gens():
@@ -649,21 +651,21 @@ def test_judge_pairwise_both_orders(tmp_path):
     items, gens = _judge_gens()
     fair = FakeChatClient(lambda kw: json.dumps(
         {"winner": "A" if "良い" in _candidates(kw["messages"][-1]["content"])[0] else "B"}))
-    comp = ev.judge_pairwise(gens, items, fair, "judge", run_dir=tmp_path, progress=False, sleep=no_sleep, log=None)
+    comp = jd.judge_pairwise(gens, items, fair, "judge", run_dir=tmp_path, progress=False, sleep=no_sleep, log=None)
     assert len(fair.requests) == 2 * len(items)                      # each pair asked in both orders
     assert (comp["outcome"] == "good").all()
     assert all(r["response_format"] == {"type": "json_object"} for r in fair.requests)
     assert all("good" not in r["messages"][-1]["content"] for r in fair.requests)   # names hidden
-    summary = ev.summarize_pairwise(comp)
+    summary = jd.summarize_pairwise(comp)
     assert summary.loc[0, ["wins_a", "wins_b", "inconsistent"]].tolist() == [len(items), 0, 0]
     # a judge that always prefers the first position wins nobody anything
     biased = FakeChatClient(lambda kw: '{"winner": "A"}')
-    comp = ev.judge_pairwise(gens, items, biased, "judge-biased", progress=False, sleep=no_sleep, log=None)
-    s = ev.summarize_pairwise(comp).iloc[0]
+    comp = jd.judge_pairwise(gens, items, biased, "judge-biased", progress=False, sleep=no_sleep, log=None)
+    s = jd.summarize_pairwise(comp).iloc[0]
     assert (s["wins_a"], s["wins_b"], s["inconsistent"]) == (0, 0, len(items))
     # answers are cached: the fair judge is not asked again
     again = FakeChatClient(lambda kw: pytest.fail("asked again"))
-    ev.judge_pairwise(gens, items, again, "judge", run_dir=tmp_path, progress=False, sleep=no_sleep, log=None)
+    jd.judge_pairwise(gens, items, again, "judge", run_dir=tmp_path, progress=False, sleep=no_sleep, log=None)
 
 
 def test_judge_rubric_scores(tmp_path):
@@ -676,11 +678,11 @@ def test_judge_rubric_scores(tmp_path):
         return '{"scores": {"accuracy": 5, "relevance": 4, "expertise": 4}, "reason": "共感的"}'
 
     client = FakeChatClient(answer)
-    scores = ev.judge_scores(gens, items, client, "judge", run_dir=tmp_path, progress=False, sleep=no_sleep, log=None)
+    scores = jd.judge_scores(gens, items, client, "judge", run_dir=tmp_path, progress=False, sleep=no_sleep, log=None)
     assert len(scores) == len(gens) * 3
-    table = ev.summarize_judge_scores(scores)
+    table = jd.summarize_judge_scores(scores)
     assert table.loc["good", "accuracy"] == 5 and table.loc["bad", "expertise"] == 0
     assert math.isnan(table.loc["bad", "relevance"])                  # 9 is out of range: not guessed
     assert scores.loc[scores["model"] == "bad", "parse_error"].str.contains("relevance").all()
     with pytest.raises(ev.EvalError, match="OPENAI_API_KEY"):
-        ev.judge_scores(gens, items, None, "judge", log=None)
+        jd.judge_scores(gens, items, None, "judge", log=None)

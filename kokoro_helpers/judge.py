@@ -1,0 +1,320 @@
+"""03_eval's optional LLM judge (only with a client / key): rubric scores on the same criteria
+as the human raters, and pairwise comparisons asked in both orders — a win counts only when both
+orders agree (position bias). Answers are cached in run_dir/eval/judge/cache.jsonl (they cost money).
+
+    scores = judge_scores(generations, items, client, judge_model, criteria="default", run_dir=run_dir)
+    pairs = judge_pairwise(generations, items, client, judge_model, run_dir=run_dir)
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import time
+import unicodedata
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+
+from .evaluate import (EvalError, Item, JsonlCache, Log, OpenAIChatResponder, _completion_text, _generation_rows,
+                       _now, _say, _sha1, eval_dir, run_concurrently)
+from .schema import SPEAKER_LABEL_JA
+
+# =================================================================================================
+# 4. Optional LLM judge (only with a client / key)
+# =================================================================================================
+
+# The same criteria keys and preset names as the manual scoring widget (scoring.CRITERIA_PRESETS:
+# "default" = the seeds' 正確性・関連性・専門性, "kokorochat" = turn-level items of KokoroChat's client
+# review), each with the rubric text the judge reads (the widget needs only labels).
+JUDGE_CRITERIA_PRESETS: dict[str, dict[str, str]] = {
+    "default": {
+        "accuracy": "正確性: 相談者の発言や状況を正しく理解し、事実を取り違えたり根拠のないことを述べたりしていない。",
+        "relevance": "関連性: 直前の相談者の発言と対話の流れに沿っており、話題から外れていない。",
+        "expertise": "専門性: 傾聴・共感・適切な質問など、カウンセラーとして適切な応答の技法にかなっている。",
+    },
+    "kokorochat": {
+        "showed_acceptance_and_empathy": "受容・共感: 相談者の気持ちを受け止め、共感を示している。",
+        "provided_acknowledgment_and_affirmation": "肯定・承認: 相談者の考えや努力を認め、肯定的に言葉にしている。",
+        "asked_effective_questions": "的確な質問による会話の促進: 相談者が考えを深められる的確な質問で会話を進めている。",
+        "offered_actionable_suggestions": "次の行動につながる提案: 相談者の次の行動につながる具体的な提案や方向づけがある。",
+    },
+}
+JUDGE_CRITERIA_PRESETS["seeds"] = JUDGE_CRITERIA_PRESETS["default"]
+SCORE_RANGE = (0, 5)
+
+JUDGE_SYSTEM = ("あなたは心理カウンセリングの応答を評価する熟練のスーパーバイザーです。"
+                "公平に評価し、指定された JSON だけを出力してください。")
+
+
+def judge_criteria(criteria: str | Sequence[str] | Mapping[str, str] | None = None) -> dict[str, str]:
+    """{key: rubric text}: a preset name ("default" | "seeds" | "kokorochat", as in the scoring
+    widget), a list of keys from the presets, or a dict of your own. Default: "default"
+    (accuracy 正確性 / relevance 関連性 / expertise 専門性)."""
+    if criteria is None:
+        return dict(JUDGE_CRITERIA_PRESETS["default"])
+    if isinstance(criteria, str):
+        if criteria not in JUDGE_CRITERIA_PRESETS:
+            raise ValueError(f"unknown criteria preset {criteria!r}; presets: {sorted(JUDGE_CRITERIA_PRESETS)}")
+        return dict(JUDGE_CRITERIA_PRESETS[criteria])
+    if isinstance(criteria, Mapping):
+        return {str(k): str(v) for k, v in criteria.items()}
+    known = {k: v for preset in JUDGE_CRITERIA_PRESETS.values() for k, v in preset.items()}
+    unknown = [c for c in criteria if c not in known]
+    if unknown:
+        raise ValueError(f"no rubric text for {unknown}: pass a dict {{key: description}}")
+    return {c: known[c] for c in criteria}
+
+
+def transcript(context: Sequence[Mapping[str, Any]]) -> str:
+    """The dialogue as 相談者 / カウンセラー lines (the system prompt left out)."""
+    return "\n".join(f"{SPEAKER_LABEL_JA.get(m.get('role'), m.get('role'))}: {m.get('content', '')}"
+                     for m in context if m.get("role") != "system")
+
+
+def rubric_prompt(item: Item, response: str, criteria: Mapping[str, str], show_reference: bool = False) -> str:
+    lo, hi = SCORE_RANGE
+    lines = ["以下は相談者とカウンセラーの対話の途中までと、次のカウンセラーの発言の候補です。",
+             f"候補を次の各基準について {lo}〜{hi} の整数で採点してください"
+             f"（{lo} = まったく当てはまらない、{hi} = 非常によく当てはまる）。", "", "## 基準"]
+    lines += [f"- {key}: {text}" for key, text in criteria.items()]
+    lines += ["", "## 対話", transcript(item["context"])]
+    if show_reference:
+        lines += ["", "## 参考: 実際のカウンセラーの発言", item["reference"]]
+    lines += ["", "## 候補", response, "", "## 出力",
+              "次の形の JSON だけを出力してください（<...> は置き換える）: "
+              + '{"scores": {' + ", ".join(f'"{k}": <{lo}〜{hi}の整数>' for k in criteria)
+              + '}, "reason": "<短い理由>"}']
+    return "\n".join(lines)
+
+
+def pairwise_prompt(item: Item, first: str, second: str, criteria: Mapping[str, str]) -> str:
+    lines = ["以下は相談者とカウンセラーの対話の途中までと、次のカウンセラーの発言の候補 A と B です。",
+             "次の観点を総合して、より良い候補を選んでください。提示の順序や長さに左右されないでください。",
+             "", "## 観点"]
+    lines += [f"- {key}: {text}" for key, text in criteria.items()]
+    lines += ["", "## 対話", transcript(item["context"]), "", "## 候補 A", first, "", "## 候補 B", second,
+              "", "## 出力", '次の形の JSON だけを出力してください: {"winner": "A" または "B" または "tie", "reason": "短い理由"}']
+    return "\n".join(lines)
+
+
+def extract_json(text: str) -> Any | None:
+    """The first JSON object in `text` (code fences, prose around it, full-width braces tolerated);
+    None if there is none."""
+    if not text:
+        return None
+    s = unicodedata.normalize("NFKC", text)
+    decoder = json.JSONDecoder()
+    for match in re.finditer(r"\{", s):
+        try:
+            obj, _ = decoder.raw_decode(s, match.start())
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict):
+            return obj
+    return None
+
+
+def _as_score(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)) and float(value).is_integer():
+        score = int(value)
+    elif isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+)(?:\s*/\s*\d+)?\s*(?:点)?\s*", unicodedata.normalize("NFKC", value))
+        if not m:
+            return None
+        score = int(m.group(1))
+    else:
+        return None
+    return score if SCORE_RANGE[0] <= score <= SCORE_RANGE[1] else None
+
+
+def parse_rubric(text: str, criteria: Iterable[str]) -> tuple[dict[str, int | None], str | None]:
+    """({criterion: score or None}, error or None) from a judge's answer. Scores are read from
+    `{"scores": {...}}` or from the top level; a value that is not an integer in 0..5 is None."""
+    criteria = list(criteria)
+    obj = extract_json(text)
+    if obj is None:
+        return {c: None for c in criteria}, "no JSON object in the answer"
+    scores = obj.get("scores") if isinstance(obj.get("scores"), dict) else obj
+    out = {c: _as_score(scores.get(c)) for c in criteria}
+    bad = [c for c, v in out.items() if v is None]
+    return out, (f"missing or out-of-range scores for {bad}" if bad else None)
+
+
+def parse_verdict(text: str) -> str | None:
+    """"A", "B" or "tie" from a pairwise answer (JSON `winner`, or a bare answer); None if unclear."""
+    obj = extract_json(text)
+    raw = obj.get("winner") if isinstance(obj, dict) else text
+    if not isinstance(raw, str):
+        return None
+    s = unicodedata.normalize("NFKC", raw).strip().strip("\"'`「」").lower()
+    s = re.sub(r"^(候補|応答|reply|response|candidate)\s*", "", s)
+    if s in ("a", "b"):
+        return s.upper()
+    if s in ("tie", "draw", "引き分け", "同等", "equal", "both"):
+        return "tie"
+    return None
+
+
+class _Judge:
+    """One judge model behind a client: cached, concurrent, retried calls returning the raw text."""
+
+    def __init__(self, client: Any, judge_model: str, run_dir: str | Path | None, concurrency: int,
+                 max_tokens: int, temperature: float, json_mode: bool, retries: int,
+                 sleep: Callable[[float], None], progress: bool, log: Log):
+        if client is None:
+            raise EvalError("the LLM judge needs a client: set OPENAI_API_KEY (see default_client()) "
+                            "or pass client=; without one skip the judge")
+        if not judge_model:
+            raise EvalError("judge_model is empty: name the judge model (e.g. 'gpt-4o-2024-08-06')")
+        self.responder = OpenAIChatResponder(client, judge_model, max_tokens=max_tokens, temperature=temperature,
+                                             concurrency=concurrency, retries=retries, sleep=sleep,
+                                             progress=progress, log=log)
+        self.json_mode = json_mode
+        self.judge_model = judge_model
+        self.cache = (JsonlCache(eval_dir(run_dir) / "judge" / "cache.jsonl", ("judge_model", "prompt_sha"))
+                      if run_dir is not None else None)
+        self.log = log
+
+    def ask(self, prompts: Sequence[str], desc: str) -> list[str]:
+        """The judge's answer to each prompt, from the cache where possible."""
+        have = self.cache.load() if self.cache is not None else {}
+        shas = [_sha1([self.responder.settings, self.json_mode, JUDGE_SYSTEM, p]) for p in prompts]
+        answers: list[str | None] = [have.get((self.judge_model, s), {}).get("answer") for s in shas]
+        todo = [i for i, a in enumerate(answers) if a is None]
+        _say(self.log, f"judge {self.judge_model} ({desc}): {len(prompts) - len(todo)} cached, {len(todo)} to ask")
+        client = self.responder._client()
+
+        def one(i: int) -> str:
+            kwargs = self.responder.request([{"role": "system", "content": JUDGE_SYSTEM},
+                                             {"role": "user", "content": prompts[i]}])
+            if self.json_mode:
+                kwargs["response_format"] = {"type": "json_object"}
+            resp = self.responder.retry.call(lambda: client.chat.completions.create(**kwargs))
+            return _completion_text(resp)
+
+        def store(k: int, text: str) -> None:
+            i = todo[k]
+            answers[i] = text
+            if self.cache is not None:
+                self.cache.append({"judge_model": self.judge_model, "prompt_sha": shas[i], "answer": text,
+                                   "time": _now()})
+
+        run_concurrently(one, todo, self.responder.concurrency, store, self.responder.progress,
+                         desc=f"judge {desc}")
+        return [a or "" for a in answers]
+
+
+def _judge_inputs(generations: Any, items: Sequence[Item]) -> tuple[dict[str, Item], dict[tuple[str, str], str]]:
+    by_id = {it["item_id"]: it for it in items}
+    replies = {(r["model"], r["item_id"]): (r["response"] if isinstance(r.get("response"), str) else "")
+               for r in _generation_rows(generations) if r.get("item_id") in by_id}
+    return by_id, replies
+
+
+def judge_scores(generations: Any, items: Sequence[Item], client: Any, judge_model: str, *,
+                 criteria: str | Sequence[str] | Mapping[str, str] | None = None, run_dir: str | Path | None = None,
+                 show_reference: bool = False, concurrency: int = 4, max_tokens: int = 400,
+                 temperature: float = 0.0, json_mode: bool = True, retries: int = 4,
+                 sleep: Callable[[float], None] = time.sleep, progress: bool = True, log: Log = print):
+    """Rubric scores (0..5 per criterion) from an LLM judge for every (model, item) reply.
+
+    The judge sees the dialogue and one reply, never the model's name. Answers are parsed
+    robustly (`parse_rubric`); unparseable or out-of-range scores are NaN with the reason in
+    `parse_error`, never guessed. With `run_dir` the answers are cached in
+    run_dir/eval/judge/cache.jsonl, so a re-run pays nothing. Returns a long DataFrame
+    (item_id, split, model, criterion, score, parse_error); summarise with
+    `summarize_judge_scores`."""
+    import pandas as pd
+    crit = judge_criteria(criteria)
+    judge = _Judge(client, judge_model, run_dir, concurrency, max_tokens, temperature, json_mode, retries,
+                   sleep, progress, log)
+    by_id, replies = _judge_inputs(generations, items)
+    keys = list(replies)
+    prompts = [rubric_prompt(by_id[i], replies[(m, i)], crit, show_reference) for m, i in keys]
+    answers = judge.ask(prompts, "rubric")
+    rows = []
+    for (model, item_id), answer in zip(keys, answers):
+        scores, error = parse_rubric(answer, crit)
+        for c, s in scores.items():
+            rows.append({"item_id": item_id, "split": by_id[item_id]["split"], "model": model, "criterion": c,
+                         "score": float("nan") if s is None else s, "parse_error": error})
+    return pd.DataFrame(rows, columns=["item_id", "split", "model", "criterion", "score", "parse_error"])
+
+
+def summarize_judge_scores(scores: Any):
+    """Mean judge score per model × criterion (rows: models; columns: criteria), plus n_scored."""
+    table = scores.pivot_table(index="model", columns="criterion", values="score", aggfunc="mean", sort=False)
+    table["n_scored"] = scores.dropna(subset=["score"]).groupby("model", sort=False)["item_id"].nunique()
+    return table
+
+
+def combine_verdicts(first: str | None, second: str | None, model_a: str, model_b: str) -> str:
+    """The outcome of one pair asked in both orders: `first` is the verdict with model_a shown as A,
+    `second` with model_b shown as A. A model wins only if both verdicts pick it; both "tie" is a
+    tie; any disagreement is "inconsistent" (position bias); an unreadable verdict is "invalid"."""
+    if first is None or second is None:
+        return "invalid"
+    pick1 = {"A": model_a, "B": model_b, "tie": "tie"}[first]
+    pick2 = {"A": model_b, "B": model_a, "tie": "tie"}[second]
+    if pick1 == pick2:
+        return pick1
+    return "inconsistent"
+
+
+def judge_pairwise(generations: Any, items: Sequence[Item], client: Any, judge_model: str, *,
+                   pairs: Sequence[tuple[str, str]] | None = None,
+                   criteria: str | Sequence[str] | Mapping[str, str] | None = None,
+                   run_dir: str | Path | None = None, concurrency: int = 4, max_tokens: int = 300,
+                   temperature: float = 0.0, json_mode: bool = True, retries: int = 4,
+                   sleep: Callable[[float], None] = time.sleep, progress: bool = True, log: Log = print):
+    """Pairwise comparisons by an LLM judge, each asked twice with the replies in both orders.
+
+    `pairs`: (model_a, model_b) tuples; default every pair of models in `generations`. Only items
+    both models answered are compared. Returns one row per (pair, item): item_id, split, model_a,
+    model_b, verdict_ab (model_a shown first), verdict_ba, outcome (`combine_verdicts`: the winning
+    model, "tie", "inconsistent" or "invalid"). Summarise with `summarize_pairwise`."""
+    import pandas as pd
+    crit = judge_criteria(criteria)
+    judge = _Judge(client, judge_model, run_dir, concurrency, max_tokens, temperature, json_mode, retries,
+                   sleep, progress, log)
+    by_id, replies = _judge_inputs(generations, items)
+    models = list(dict.fromkeys(m for m, _ in replies))
+    pairs = list(pairs) if pairs is not None else list(itertools.combinations(models, 2))
+    jobs = []
+    for a, b in pairs:
+        if a == b:
+            raise ValueError(f"a pair needs two different models, got ({a!r}, {b!r})")
+        for item_id in by_id:
+            if (a, item_id) in replies and (b, item_id) in replies:
+                jobs.append((a, b, item_id))
+    prompts = []
+    for a, b, item_id in jobs:
+        ra, rb = replies[(a, item_id)], replies[(b, item_id)]
+        prompts.append(pairwise_prompt(by_id[item_id], ra, rb, crit))
+        prompts.append(pairwise_prompt(by_id[item_id], rb, ra, crit))
+    answers = judge.ask(prompts, "pairwise")
+    rows = []
+    for k, (a, b, item_id) in enumerate(jobs):
+        v1, v2 = parse_verdict(answers[2 * k]), parse_verdict(answers[2 * k + 1])
+        rows.append({"item_id": item_id, "split": by_id[item_id]["split"], "model_a": a, "model_b": b,
+                     "verdict_ab": v1, "verdict_ba": v2, "outcome": combine_verdicts(v1, v2, a, b)})
+    return pd.DataFrame(rows, columns=["item_id", "split", "model_a", "model_b", "verdict_ab", "verdict_ba", "outcome"])
+
+
+def summarize_pairwise(comparisons: Any):
+    """Per pair: n, wins_a, wins_b (both orders agreed), ties, inconsistent (the verdict followed
+    the position), invalid, and win rates over all n."""
+    import pandas as pd
+    rows = []
+    for (a, b), g in comparisons.groupby(["model_a", "model_b"], sort=False):
+        n = len(g)
+        counts = g["outcome"].value_counts()
+        wa, wb = int(counts.get(a, 0)), int(counts.get(b, 0))
+        rows.append({"model_a": a, "model_b": b, "n": n, "wins_a": wa, "wins_b": wb,
+                     "ties": int(counts.get("tie", 0)), "inconsistent": int(counts.get("inconsistent", 0)),
+                     "invalid": int(counts.get("invalid", 0)),
+                     "win_rate_a": wa / n if n else float("nan"), "win_rate_b": wb / n if n else float("nan")})
+    return pd.DataFrame(rows)
