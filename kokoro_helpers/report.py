@@ -205,7 +205,9 @@ def key_figures(run_dir: Path) -> dict[str, str]:
 INDEX_CSS = """body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #ddd;padding:.3em .6em;text-align:left}
 th{background:#f5f5f5}.ok{color:#1a7f37}.failed{color:#cf222e}img{max-width:100%;border:1px solid #eee;margin:.3em 0}
-section{border-top:1px solid #ccc;margin-top:1.5em}code{background:#f5f5f5;padding:0 .2em}"""
+section{border-top:1px solid #ccc;margin-top:1.5em}code{background:#f5f5f5;padding:0 .2em}
+.params{columns:3 16em;font-size:85%;margin:.5em 0}.params div{break-inside:avoid;padding:.1em 0}
+.params b{font-weight:600}table.metrics{display:block;overflow-x:auto;max-width:100%}"""
 
 
 def write_index(out_dir: Path, runs: list[NotebookRun], params: dict[str, Any], params_path: str) -> Path:
@@ -227,7 +229,9 @@ def write_index(out_dir: Path, runs: list[NotebookRun], params: dict[str, Any], 
              f"<style>{INDEX_CSS}</style></head><body>",
              f"<h1>KokoroChat fine-tuning report — <code>{html.escape(out_dir.name)}</code></h1>",
              _table(head),
-             "<h2>Parameters</h2>", _table(param_rows),
+             f"<h2>Parameters <small>({len(param_rows)}, from {html.escape(str(params_path))})</small></h2>",
+             "<div class='params'>" + "".join(f"<div><b>{html.escape(str(k))}</b>: {html.escape(str(v))}</div>"
+                                              for k, v in param_rows) + "</div>",
              "<h2>Notebooks</h2><ol>"
              + "".join(f"<li><a href='{html.escape(r.html.name)}'>{html.escape(r.name)}</a> — "
                        f"<span class='{r.status}'>{r.status}</span></li>" for r in runs) + "</ol>"]
