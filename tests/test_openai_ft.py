@@ -20,7 +20,7 @@ from kokoro_helpers.data import prepare_data
 from kokoro_helpers.tokens import estimate_counter
 
 BASE_URL = "https://fake-openai.test/v1"
-SECRET = "sk-kokoro-TEST-9f8e7d6c5b4a-never-write-me"
+SECRET = "kokoro-TEST-key-9f8e7d6c5b4a-never-write-me"
 BASE_MODEL = "gpt-4o-mini-2024-07-18"
 
 
