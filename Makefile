@@ -5,6 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PARAMS ?= params/default.yaml
+SET ?=
+REPORT = $(PY) -m kokoro_helpers.report --params $(PARAMS) $(foreach kv,$(SET),--set $(kv))
 KERNEL := kokoro
 STAMP := $(VENV)/.kokoro-installed
 
@@ -25,8 +27,8 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)  ## create .venv: torch ($(TORCH_SPEC), override with TORCH_SPEC=...), the package editable with dev extras, the Jupyter kernel
 
-report: $(STAMP)  ## run every notebook with PARAMS via papermill into reports/<run>/ (+ HTML, index.html)
-	$(PY) -m kokoro_helpers.report --params $(PARAMS)
+report: $(STAMP)  ## run every notebook with PARAMS (+ SET="key=value ...") via papermill into reports/<run>/ (+ HTML, index.html)
+	$(REPORT)
 
 test: export KOKORO_OPENAI_DRY_RUN=1
 test: $(STAMP)  ## unit tests, then every notebook under nbval (OpenAI forced to dry run: tests never spend money)
@@ -40,15 +42,15 @@ lab: $(STAMP)  ## open JupyterLab on the repo
 	$(VENV)/bin/jupyter lab --notebook-dir=.
 
 data: $(STAMP)  ## run 01_data alone with PARAMS
-	$(PY) -m kokoro_helpers.report --params $(PARAMS) --only 01
+	$(REPORT) --only 01
 finetune: $(STAMP)  ## run 02_finetune alone with PARAMS
-	$(PY) -m kokoro_helpers.report --params $(PARAMS) --only 02
+	$(REPORT) --only 02
 eval: $(STAMP)  ## run 03_eval alone with PARAMS
-	$(PY) -m kokoro_helpers.report --params $(PARAMS) --only 03
+	$(REPORT) --only 03
 inference: $(STAMP)  ## run 04_local_lora_inference alone with PARAMS
-	$(PY) -m kokoro_helpers.report --params $(PARAMS) --only 04
+	$(REPORT) --only 04
 cost: $(STAMP)  ## run 05_cost alone with PARAMS
-	$(PY) -m kokoro_helpers.report --params $(PARAMS) --only 05
+	$(REPORT) --only 05
 
 bench: $(STAMP)  ## run every benchmark (each prints `ratio: X` last)
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

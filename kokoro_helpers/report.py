@@ -249,10 +249,23 @@ def write_index(out_dir: Path, runs: list[NotebookRun], params: dict[str, Any], 
     return index
 
 
-def run_report(params_path: str, only: list[str] | None = None) -> int:
+def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
+    """`KEY=VALUE` strings (VALUE read as YAML: 10, null, [a, b], text) -> {KEY: value}."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise ValueError(f"--set takes KEY=VALUE with a parameter name as KEY, got {pair!r}")
+        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+    return out
+
+
+def run_report(params_path: str, only: list[str] | None = None, overrides: dict[str, Any] | None = None) -> int:
     import papermill as pm
 
-    params = load_params(params_path)
+    params = {**load_params(params_path), **(overrides or {})}
     root = project_root()
     out_dir = root / "reports" / run_name(params, params_path)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -295,9 +308,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Run the notebooks with a parameter file (papermill) and write reports/<run>/.")
     ap.add_argument("--params", default="params/default.yaml")
     ap.add_argument("--only", action="append", help="notebook number(s) to run, e.g. --only 01")
+    ap.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="override one parameter of the file, e.g. --set dataset_source=data/kokorochat_dialogues")
     args = ap.parse_args(argv)
     try:
-        return run_report(args.params, args.only)
+        return run_report(args.params, args.only, parse_overrides(args.set))
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -155,3 +155,20 @@ def test_index_summarizes_raw_human_scores_when_no_csv_was_exported(tmp_path):
     figs = report.key_figures(run_dir)
     assert "Human scores" in figs["03"] and "empathy" in figs["03"] and "3.5" in figs["03"]
     assert "eval/human_scores/*.jsonl" in figs["03"] and "DEMO" not in figs["03"]
+
+
+def test_overrides_parse_as_yaml_and_reject_nonsense():
+    assert report.parse_overrides(["max_samples=10", "dataset_source=data/x y", "min_score=null",
+                                   "split_ratios=[8, 1, 1]"]) == {
+        "max_samples": 10, "dataset_source": "data/x y", "min_score": None, "split_ratios": [8, 1, 1]}
+    for bad in ("novalue", "=3", "bad key=1"):
+        with pytest.raises(ValueError, match="KEY=VALUE"):
+            report.parse_overrides([bad])
+
+
+def test_override_reaches_the_notebook(mini_project):
+    _notebook(mini_project / "notebooks" / "01_only.ipynb", "a = 1",
+              "import pathlib; pathlib.Path('../seen.txt').write_text(repr(a))")
+    (mini_project / "params" / "p.yaml").write_text("run_dir: runs/o\na: 7\n")
+    assert report.main(["--params", "params/p.yaml", "--set", "a=[1, 2]"]) == 0
+    assert (mini_project / "seen.txt").read_text() == "[1, 2]"
