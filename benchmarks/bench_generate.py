@@ -39,6 +39,7 @@ if str(ROOT) not in sys.path:
 
 from kokoro_helpers import cards  # noqa: E402
 from kokoro_helpers import generate as gen  # noqa: E402
+from kokoro_helpers.paths import portable  # noqa: E402
 from kokoro_helpers.tiny_model import EMBEDDED_TINY, is_embedded  # noqa: E402
 
 
@@ -47,7 +48,7 @@ def pick_adapter(args, tmp: Path) -> tuple[object, str]:
         return args.model, f"{args.model} (given)"
     for path, card in gen.local_cards(args.run_dir):
         if is_embedded(card.get("base_model")) and cards.adapter_dir(card, path) is not None:
-            return path, f"trained adapter {card['model_id']!r} ({gen._portable(path)})"
+            return path, f"trained adapter {card['model_id']!r} ({portable(path)})"
     folder = gen.init_adapter(tmp / "untrained-adapter", EMBEDDED_TINY, seed=args.seed)
     return folder, "untrained random LoRA adapter on embedded:tiny (no trained card in the run)"
 

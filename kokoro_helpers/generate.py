@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from . import cards
-from .paths import project_root, resolve
+from .paths import portable, project_root, resolve
 
 DEFAULT_RUN_DIR = "runs/default"
 BASE_ADAPTER = "base"              # the pseudo-adapter name that means "adapter off, the base model"
@@ -614,9 +614,9 @@ class LocalModel:
         lora = sum(p.numel() for n, p in self.model.named_parameters() if "lora_" in n)
         return {
             "model": self.name, "active_adapter": self.active,
-            "adapters": {n: _portable(i.path) for n, i in self.adapters.items()},
-            "base_model": self.base_name, "base_path": _portable(self.base_source.model_path),
-            "tokenizer": _portable(self.adapters[self.active].source.tokenizer_dir
+            "adapters": {n: portable(i.path) for n, i in self.adapters.items()},
+            "base_model": self.base_name, "base_path": portable(self.base_source.model_path),
+            "tokenizer": portable(self.adapters[self.active].source.tokenizer_dir
                                    if self.active in self.adapters else self.base_source.tokenizer_dir),
             "device": str(next(self.model.parameters()).device), "dtype": str(self.dtype).replace("torch.", ""),
             "parameters": n_params, "lora_parameters": lora,
@@ -630,16 +630,6 @@ class LocalModel:
     def __repr__(self) -> str:
         return (f"LocalModel(active={self.active!r}, adapters={sorted(self.adapters)}, base={self.base_name!r}, "
                 f"device={self.device!r}, dtype={str(self.dtype).replace('torch.', '')})")
-
-
-def _portable(path: Any) -> str:
-    p = Path(str(path))
-    if not p.is_absolute():
-        return str(path)
-    try:
-        return str(p.resolve().relative_to(project_root()))
-    except ValueError:
-        return str(p)
 
 
 def load(source: Any, run_dir: str | Path = DEFAULT_RUN_DIR, *, base_model: str | None = None,
@@ -1230,15 +1220,15 @@ def merge_and_export(source: Any, out_dir: str | Path, run_dir: str | Path = DEF
         portable_tokenizer_files(tmp)
         card = info.source.card or {}
         (tmp / "README.md").write_text(
-            f"# {info.name} (merged)\n\nThe LoRA adapter `{_portable(info.path)}` merged into its base "
+            f"# {info.name} (merged)\n\nThe LoRA adapter `{portable(info.path)}` merged into its base "
             f"`{info.source.base_model or info.source.model_path}` with peft `merge_and_unload` by "
             "kokoro_helpers.generate.merge_and_export: a standalone model folder (no peft needed).\n"
             + ("\n> **Smoke model.** The base is the package's embedded tiny model; replies mean nothing.\n"
                if card.get("smoke_model") or _is_tiny_build(info.source.model_path) else ""),
             encoding="utf-8")
         (tmp / "merge_info.json").write_text(json.dumps({
-            "adapter": _portable(info.path), "adapter_name": info.name,
-            "base_model": info.source.base_model, "base_path": _portable(info.source.model_path),
+            "adapter": portable(info.path), "adapter_name": info.name,
+            "base_model": info.source.base_model, "base_path": portable(info.source.model_path),
             "dtype": str(lm.dtype).replace("torch.", ""), "merged_at": cards.now_iso()}, indent=2) + "\n",
             encoding="utf-8")
         if out.exists():
@@ -1278,6 +1268,45 @@ def sample_contexts(run_dir: str | Path = DEFAULT_RUN_DIR, n: int | None = 32, s
         picked = sorted(random.Random(seed).sample(range(len(contexts)), int(n)))
         contexts = [contexts[i] for i in picked]
     return contexts
+
+
+def compare_batching(lm: "LocalModel", prompts: Sequence[Messages], batch_size: int = 8,
+                     max_new_tokens: int = 48, run_dir: str | Path | None = None):
+    """04's demo: the same prompts decoded greedily in batches and one per call.
+
+    Returns (table, batched replies as :class:`Generation`); with ``run_dir`` also writes
+    ``run_dir/inference/batching.json`` for the report. One timing each on whatever else the
+    machine is doing — a demonstration, labelled so; ``benchmarks/bench_generate.py`` measures
+    properly (forced equal lengths, best of several interleaved runs)."""
+    import pandas as pd
+
+    from .jsonio import write_json_atomic
+
+    greedy = dict(max_new_tokens=max_new_tokens, temperature=0.0)
+    lm.batch_generate(prompts[:2], batch_size=2, max_new_tokens=2, temperature=0.0)   # warm-up, untimed
+    t0 = time.perf_counter()
+    batched = lm.batch_generate(prompts, batch_size=batch_size, return_details=True, **greedy)
+    batch_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    looped = [lm.generate(p, return_details=True, **greedy) for p in prompts]
+    loop_s = time.perf_counter() - t0
+    rows = {}
+    for label, out, seconds, calls in ((f"batched ({batch_size} prompts per call)", batched, batch_s,
+                                        -(-len(prompts) // batch_size)),
+                                       ("one prompt per call", looped, loop_s, len(prompts))):
+        tokens = sum(g.completion_tokens for g in out)
+        rows[label] = {"calls": calls, "seconds": round(seconds, 3), "new tokens": tokens,
+                       "tokens/s": round(tokens / seconds, 1) if seconds else float("nan")}
+    same = sum(a.token_ids == b.token_ids for a, b in zip(batched, looped))
+    table = pd.DataFrame(rows).T
+    table["same replies"] = same
+    if run_dir is not None:
+        write_json_atomic(resolve(run_dir) / "inference" / "batching.json", {
+            "model": lm.name, "device": str(lm.device), "prompts": len(prompts), "batch_size": batch_size,
+            "max_new_tokens": max_new_tokens, "modes": rows, "same_replies": same,
+            "speedup": round(loop_s / batch_s, 2) if batch_s else None,
+            "label": "demo timing (one run, greedy, replies may stop early); benchmarks/bench_generate.py measures"})
+    return table, batched
 
 
 def init_adapter(out_dir: str | Path, base_model: str = "embedded:tiny", *, r: int = 8, lora_alpha: int = 16,
@@ -1334,8 +1363,8 @@ def pick_model(model_name: str | None = None, run_dir: str | Path = DEFAULT_RUN_
         try:
             src = resolve_source(model_name, run_dir)
             if src.card_path is not None:
-                return src.card_path, f"card {src.name!r} ({_portable(src.card_path)})"
-            return model_name, f"{src.kind} {_portable(src.adapter_dir or src.model_path)}"
+                return src.card_path, f"card {src.name!r} ({portable(src.card_path)})"
+            return model_name, f"{src.kind} {portable(src.adapter_dir or src.model_path)}"
         except ModelNotFoundError as exc:
             log(f"{model_name!r}: {exc}")
     found = local_cards(run_dir)
@@ -1343,7 +1372,7 @@ def pick_model(model_name: str | None = None, run_dir: str | Path = DEFAULT_RUN_
         path, card = found[0]
         if model_name:
             log(f"using the newest local LoRA card instead: {card['model_id']!r}")
-        return path, f"card {card['model_id']!r} ({_portable(path)})"
+        return path, f"card {card['model_id']!r} ({portable(path)})"
     if not fallback:
         raise ModelNotFoundError(_not_found_message(model_name or "(newest)", run_dir))
     folder = resolve(run_dir) / "inference" / "untrained-adapter"
@@ -1351,4 +1380,4 @@ def pick_model(model_name: str | None = None, run_dir: str | Path = DEFAULT_RUN_
         "initialised, UNTRAINED adapter on the embedded tiny model so that the steps below still run; its replies "
         "mean nothing. Train one with 02_finetune (Part B) or `python -m kokoro_helpers.train_lora --params "
         "params/default.yaml`, then run this notebook again.")
-    return init_adapter(folder, overwrite=False), f"UNTRAINED adapter {_portable(folder)} (fallback)"
+    return init_adapter(folder, overwrite=False), f"UNTRAINED adapter {portable(folder)} (fallback)"

@@ -28,6 +28,18 @@ def resolve(path: str | Path) -> Path:
     return p if p.is_absolute() else project_root() / p
 
 
+def portable(path: str | Path) -> str:
+    """A path as cards, READMEs and messages show it: relative to the project root when inside it,
+    else absolute. A relative path (or a name such as a Hub id) is returned as given."""
+    p = Path(str(path))
+    if not p.is_absolute():
+        return str(path)
+    try:
+        return str(p.resolve().relative_to(project_root()))
+    except ValueError:
+        return str(p)
+
+
 def cache_dir() -> Path:
     """Package caches (tiny model, tokenizer files): $KOKORO_CACHE or <root>/.cache/kokoro."""
     env = os.environ.get("KOKORO_CACHE")

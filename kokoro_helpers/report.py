@@ -194,6 +194,13 @@ def key_figures(run_dir: Path) -> dict[str, str]:
         parts.append("<h3>Human scores</h3>" + note + table.reset_index().to_html(index=False, classes="metrics"))
     if parts:
         out["03"] = "\n".join(parts)
+    batching = _read_json(run_dir / "inference" / "batching.json")
+    if batching:
+        rows = [(mode, f"{m['tokens/s']:,} new tokens/s ({m['calls']} calls, {m['seconds']} s)")
+                for mode, m in batching.get("modes", {}).items()]
+        out["04"] = _table([("model", f"{batching.get('model')} on {batching.get('device')}")] + rows
+                           + [("same greedy replies", f"{batching.get('same_replies')} / {batching.get('prompts')}"),
+                              ("label", batching.get("label", ""))])
 
     # 05: the cost table of cost/summary.json (every figure with its basis and the prices' date)
     cost = _read_json(run_dir / "cost" / "summary.json")

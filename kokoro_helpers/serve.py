@@ -35,6 +35,7 @@ from typing import Any, Mapping
 
 from . import generate as gen
 from .generate import BASE_ADAPTER, DEFAULT_RUN_DIR, LocalModel
+from .paths import portable
 
 LOOPBACK = "127.0.0.1"
 ROLE_MAP = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -506,12 +507,12 @@ def vllm_command(lm_or_source: LocalModel | Any, run_dir: str | Path = DEFAULT_R
         raise ValueError("vllm_command needs an adapter (a local_lora card or an adapter folder)")
     base = str(lm_src.base_model or lm_src.model_path)
     if base.startswith("embedded:"):
-        base = gen._portable(lm_src.model_path)
+        base = portable(lm_src.model_path)
     rank = int(gen._read_adapter_config(lm_src.adapter_dir).get("r", 8) or 8)
     max_rank = 8
     while max_rank < rank:                 # vLLM accepts 8, 16, 32, 64, ... as --max-lora-rank
         max_rank *= 2
-    adapter = gen._portable(lm_src.adapter_dir)
+    adapter = portable(lm_src.adapter_dir)
     name = name or lm_src.name
     return (f"vllm serve {base} --enable-lora --lora-modules {name}={adapter} --max-lora-rank {max_rank} "
             f"--host 127.0.0.1 --port {port}")

@@ -64,7 +64,7 @@ def _estimate_many(texts: list[str]) -> list[int]:
     """[_estimate(t) for t in texts], without a Python call per text."""
     na_rate, a_rate = EST_NON_ASCII, EST_ASCII
     ascii_lens = map(len, map(str.encode, texts, repeat("ascii"), repeat("ignore")))
-    return [int((na := n - a) * na_rate + a * a_rate + 0.999) for n, a in zip(map(len, texts), ascii_lens)]
+    return [int((n - a) * na_rate + a * a_rate + 0.999) for n, a in zip(map(len, texts), ascii_lens)]
 
 
 @dataclass

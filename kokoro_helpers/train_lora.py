@@ -49,7 +49,7 @@ from . import cards
 from .lora_data import (IGNORE_INDEX, ChatEncoder, ChatTemplateError, DataReport, EncodedExample, collate, encode_examples,
                         length_grouped_batches, random_batches, sorted_batches)
 from .jsonio import file_sha256, read_jsonl
-from .paths import project_root, resolve
+from .paths import portable, resolve
 from .resources import prefer_passive_openmp
 from .tiny_model import EMBEDDED_TINY, is_embedded, portable_tokenizer_files, quiet_transformers
 
@@ -248,15 +248,6 @@ def make_plan(cfg: LoraTrainConfig) -> Plan:
 
 # =============================================================================== helpers
 
-def portable_path(path: Path) -> str:
-    """A path as cards store it: relative to the project root when inside it, else absolute."""
-    path = Path(path).resolve()
-    try:
-        return str(path.relative_to(project_root()))
-    except ValueError:
-        return str(path)
-
-
 def _loss_sum(logits, labels):
     """Sum of next-token cross-entropy over labelled positions, and their number (fp32 math)."""
     import torch.nn.functional as F
@@ -374,9 +365,9 @@ class TrainResult:
         if self.adapter_dir and self.adapter_dir.is_dir():
             for p in sorted(self.adapter_dir.iterdir()):
                 if p.is_file():
-                    rows.append({"file": portable_path(p), "bytes": p.stat().st_size})
+                    rows.append({"file": portable(p), "bytes": p.stat().st_size})
         if self.card_path and self.card_path.is_file():
-            rows.append({"file": portable_path(self.card_path), "bytes": self.card_path.stat().st_size})
+            rows.append({"file": portable(self.card_path), "bytes": self.card_path.stat().st_size})
         return pd.DataFrame(rows, columns=["file", "bytes"])
 
     def summary(self) -> str:
@@ -388,7 +379,7 @@ class TrainResult:
                 else "no valid examples: no held-out loss")
         return (f"{self.name}: {loss}; {m.get('train_tokens_per_s', 0):,.0f} tokens/s, padding "
                 f"{m.get('padding_fraction', 0):.1%}, {m.get('wall_s', 0):.1f} s, step {m.get('global_step')} -> "
-                f"{portable_path(self.adapter_dir) if self.adapter_dir else '?'}")
+                f"{portable(self.adapter_dir) if self.adapter_dir else '?'}")
 
 
 def plot_loss_curves(result: TrainResult | Mapping[str, Any], ax=None):
@@ -541,7 +532,7 @@ class LoraRun:
         """What will be trained, on what: the plan, the base, the data and the trainable fraction."""
         lines = [self.plan.describe()]
         if self.prepared:
-            lines.append(f"base: {self.cfg.local_base_model} ({portable_path(Path(self.base_path)) if Path(self.base_path).exists() else self.base_path}); "
+            lines.append(f"base: {self.cfg.local_base_model} ({portable(Path(self.base_path)) if Path(self.base_path).exists() else self.base_path}); "
                          f"turns end with {self.encoder.end_of_turn!r}")
             lines += [r.summary() for r in self.reports.values()]
             lines.append(f"LoRA r={self.cfg.lora_r}, alpha={self.cfg.lora_alpha} on {self.cfg.target_modules}: "
@@ -776,12 +767,12 @@ class LoraRun:
         if resume_from is not None:
             try:
                 state = self.load_checkpoint(resume_from)
-                self._log(f"resuming from {portable_path(resume_from)} at step {state.global_step}/{self.total_steps}")
+                self._log(f"resuming from {portable(resume_from)} at step {state.global_step}/{self.total_steps}")
             except ValueError as exc:
                 if cfg.resume != "auto":
                     raise
                 self._log(f"not resuming: {exc}. Starting over; old checkpoints in "
-                          f"{portable_path(self.checkpoint_root)} are removed.")
+                          f"{portable(self.checkpoint_root)} are removed.")
                 if acc.is_main_process:
                     shutil.rmtree(self.checkpoint_root, ignore_errors=True)
                 acc.wait_for_everyone()
@@ -837,7 +828,7 @@ class LoraRun:
                     raise FloatingPointError(
                         f"the training loss is {loss} at step {state.global_step + 1}: lower learning_rate "
                         f"(now {cfg.learning_rate}), keep max_grad_norm on, or use precision='bf16'/'fp32' instead "
-                        "of fp16; the last good checkpoint is in " + portable_path(self.checkpoint_root))
+                        "of fp16; the last good checkpoint is in " + portable(self.checkpoint_root))
                 if self.plan.device == "cuda":
                     torch.cuda.synchronize()
                 dt = time.perf_counter() - t0
@@ -918,7 +909,7 @@ class LoraRun:
         history = {"train": state.train_history, "valid": state.valid_history,
                    "base_valid_loss": state.base_valid_loss}
         data = {"train_sha256": self.data_sha256.get("train"), "valid_sha256": self.data_sha256.get("valid"),
-                "data_dir": portable_path(self.run_dir / "data"),
+                "data_dir": portable(self.run_dir / "data"),
                 "train": self.reports["train"].as_dict(), "valid": self.reports["valid"].as_dict(),
                 "dropped": [dataclasses.asdict(d) for r in self.reports.values() for d in r.dropped]}
         result = TrainResult(name=cfg.name, adapter_dir=self.adapter_dir, card_path=self.card_file,
@@ -950,7 +941,7 @@ class LoraRun:
     def _card(self, metrics: dict[str, Any], history: dict[str, Any], data: dict[str, Any],
               finished: bool) -> dict[str, Any]:
         cfg = self.cfg
-        adapter = portable_path(self.adapter_dir)
+        adapter = portable(self.adapter_dir)
         usage = (
             f"Local LoRA adapter in {adapter} (peft). Load it with kokoro_helpers (04_local_lora_inference) or: "
             f"tok = AutoTokenizer.from_pretrained('{adapter}'); base = AutoModelForCausalLM.from_pretrained(<base>); "
@@ -963,11 +954,11 @@ class LoraRun:
         return cards.new_card(
             kind="local_lora", model_id=cfg.name, base_model=cfg.local_base_model,
             training_params=training_params, usage_instructions=usage,
-            adapter_path=adapter, base_model_path=portable_path(Path(self.base_path))
+            adapter_path=adapter, base_model_path=portable(Path(self.base_path))
             if Path(self.base_path).exists() else self.base_path,
             training_metrics=metrics, loss_history=history, training_data=data,
             end_of_turn_token=self.encoder.end_of_turn, finished=finished,
-            checkpoints=portable_path(self.checkpoint_root), smoke_model=is_embedded(cfg.local_base_model))
+            checkpoints=portable(self.checkpoint_root), smoke_model=is_embedded(cfg.local_base_model))
 
     def _device_name(self) -> str | None:
         """The GPU's name (cost estimates quote it); None on the CPU."""
@@ -1085,7 +1076,7 @@ def main(argv: list[str] | None = None) -> int:
     if int(os.environ.get("RANK", "0") or 0) == 0 and result.trained:
         print(result.summary())
         if result.trained and result.card_path:
-            print(f"card: {portable_path(result.card_path)}")
+            print(f"card: {portable(result.card_path)}")
     return 0
 
 

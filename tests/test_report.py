@@ -172,3 +172,14 @@ def test_override_reaches_the_notebook(mini_project):
     (mini_project / "params" / "p.yaml").write_text("run_dir: runs/o\na: 7\n")
     assert report.main(["--params", "params/p.yaml", "--set", "a=[1, 2]"]) == 0
     assert (mini_project / "seen.txt").read_text() == "[1, 2]"
+
+
+def test_index_shows_04_batching_demo(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "inference").mkdir(parents=True)
+    (run_dir / "inference" / "batching.json").write_text(json.dumps({
+        "model": "lora-tiny", "device": "cpu", "prompts": 16, "same_replies": 16, "label": "demo timing",
+        "modes": {"batched (8 prompts per call)": {"calls": 2, "seconds": 0.5, "new tokens": 300, "tokens/s": 600.0},
+                  "one prompt per call": {"calls": 16, "seconds": 1.5, "new tokens": 300, "tokens/s": 200.0}}}))
+    fig = report.key_figures(run_dir)["04"]
+    assert "600.0 new tokens/s" in fig and "16 / 16" in fig and "demo timing" in fig
