@@ -136,7 +136,7 @@ class TurnTooLong(RecordError):
 def split_into_windows(
     messages: list[dict[str, Any]],
     limit: int,
-    message_costs: Callable[[list[dict[str, Any]]], list[int]],
+    message_costs: Callable[[list[dict[str, Any]]], list[int]] | list[int],
     overhead: int = 3,
     context_fraction: float = 0.25,
 ) -> list[list[dict[str, Any]]]:
@@ -145,11 +145,12 @@ def split_into_windows(
     Each window = [system] + context + new turns and ends on an assistant turn. The context is
     the end of the previous window (whole user+assistant exchanges, up to `context_fraction` of
     the budget), its assistant turns marked `"weight": 0`, so every assistant turn is trained in
-    exactly one window. `message_costs` gives each message's tokens (the counter's rule, or a
-    local tokenizer's); `overhead` is the per-example extra (reply priming). Raises TurnTooLong
+    exactly one window. `message_costs` gives each message's tokens: a function (the counter's
+    rule, or a local tokenizer's) or the list already computed. `overhead` is the per-example
+    extra (reply priming). Raises TurnTooLong
     if a single exchange cannot fit: text is never truncated.
     """
-    costs = message_costs(messages)
+    costs = list(message_costs) if isinstance(message_costs, list) else message_costs(messages)
     if sum(costs) + overhead <= limit:
         return [messages]
     head = 1 if messages and messages[0]["role"] == "system" else 0

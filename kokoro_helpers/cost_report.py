@@ -34,6 +34,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from . import cards as cards_mod
 from . import costs
+from .jsonio import read_json, write_json_atomic
 from .paths import resolve
 from .prices import PriceError, PriceTable, load_prices
 from .tokens import TokenCounter, get_token_counter
@@ -75,11 +76,9 @@ class CostReportError(RuntimeError):
 
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CostReportError(f"{path} is unreadable ({exc}); re-run the notebook that writes it") from exc
+        return read_json(path)
+    except ValueError as exc:
+        raise CostReportError(f"{exc}; re-run the notebook that writes it") from None
 
 
 def _read_jsonl(path: Path, notes: list[str]) -> list[dict[str, Any]] | None:
@@ -1017,10 +1016,9 @@ def write_summary(run_dir: str | Path, inputs: CostInputs, training: Mapping[str
     """Write run_dir/cost/summary.json: {"training": {<base model>: {billed_tokens, epochs, usd, jpy, ...}},
     "inference": {...}, "local": {...}, "seeds": {...}, "what_if": [...], "prices_as_of", "is_estimate",
     "token_counter", ...} (see summary_dict for the keyword sections). Atomic; returns the path."""
-    from .data import write_json
     path = resolve(run_dir) / SUMMARY_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, summary_dict(inputs, training, **sections))
+    write_json_atomic(path, summary_dict(inputs, training, **sections))
     return path
 
 

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .convert import (Dialogue, RecordError, content_id, id_sort_key, parse_record, split_into_windows,
                       to_messages)
+from .jsonio import write_json_atomic
 from .paths import resolve
 from .schema import SCORE_SUBSETS
 from .sources import Reject, read_source
@@ -89,12 +90,6 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> str:
         raise
     os.replace(tmp, path)
     return digest.hexdigest()
-
-
-def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _cyclic_gc_paused(fn):
@@ -180,13 +175,9 @@ def prepare_data(
     windowed = 0
     for d in tqdm(selected, desc="convert", unit="dlg", disable=not progress or len(selected) < 2000):
         messages = to_messages(d, system_prompt)
-        # cost every message once: split_into_windows asks for the whole example's costs first
-        costs = counter.message_costs(messages)
+        costs = counter.message_costs(messages)   # once: the windows and the token total share them
         try:
-            windows = split_into_windows(
-                messages, max_example_tokens,
-                lambda m, _msgs=messages, _costs=costs: _costs if m is _msgs else counter.message_costs(m),
-                REPLY_PRIMING)
+            windows = split_into_windows(messages, max_example_tokens, costs, REPLY_PRIMING)
         except RecordError as exc:
             rejects.append(Reject(str(d.id), exc.reason, str(exc)))
             continue
@@ -252,6 +243,6 @@ def prepare_data(
         "score_range": [lo, hi],
         "system_prompt": system_prompt or None,
     }
-    write_json(out_dir / "splits.json", splits)
-    write_json(out_dir / "stats.json", stats)
+    write_json_atomic(out_dir / "splits.json", splits)
+    write_json_atomic(out_dir / "stats.json", stats)
     return DataResult(stats, splits, examples, rejects, rows, example_tokens, out_dir)

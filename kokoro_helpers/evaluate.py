@@ -32,13 +32,13 @@ import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 from tqdm.auto import tqdm
 
-from .jsonio import file_sha256
+from .cards import now_iso
+from .jsonio import file_sha256, read_jsonl
 from .retry import is_transient_error
 from .paths import resolve
 
@@ -72,10 +72,6 @@ def _say(log: Log, msg: str) -> None:
         log(msg)
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
 def _sha1(obj: Any) -> str:
     blob = json.dumps(obj, ensure_ascii=False, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha1(blob.encode("utf-8")).hexdigest()
@@ -104,19 +100,12 @@ def make_item_id(split: str, context: Sequence[Mapping[str, Any]], reference: st
 
 
 def _read_examples(path: Path) -> list[list[dict[str, Any]]]:
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                messages = row["messages"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise EvalError(f"{path}:{lineno} is not a {{\"messages\": [...]}} line ({exc}); "
-                                f"re-run 01_data (prepare_data) to rewrite it") from exc
-            out.append(messages)
-    return out
+    try:
+        rows = read_jsonl(path)
+        return [row["messages"] for row in rows]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise EvalError(f"{path}: not one {{\"messages\": [...]}} per line ({exc}); "
+                        f"re-run 01_data (prepare_data) to rewrite it") from exc
 
 
 def candidate_items(messages: Sequence[Mapping[str, Any]], split: str, example_index: int = 0,
@@ -841,7 +830,7 @@ def generate_all(items: Sequence[Item], responders: Sequence[Any], run_dir: str 
             if it["item_id"] in _fresh:
                 return
             row = {"model": _name, "item_id": it["item_id"], "settings_sha": _sha, "split": it["split"],
-                   "response": text, "settings": _settings, "time": _now(), **dict(meta or {})}
+                   "response": text, "settings": _settings, "time": now_iso(), **dict(meta or {})}
             _cache.append(row)
             _fresh[it["item_id"]] = row
 

@@ -22,6 +22,18 @@ def read_jsonl(path: str | Path) -> list[Any]:
     return rows
 
 
+def read_json(path: str | Path, default: Any = None) -> Any:
+    """A JSON file's content; `default` when it does not exist; a ValueError naming the file when
+    it cannot be read or parsed."""
+    path = Path(path)
+    if not path.is_file():
+        return default
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is unreadable ({exc})") from exc
+
+
 def file_sha256(path: str | Path) -> str:
     """sha256 of a file's bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 
+from .cards import now_iso
 from .evaluate import (EvalError, Item, JsonlCache, Log, OpenAIChatResponder, _completion_text, _generation_rows,
-                       _now, _say, _sha1, eval_dir, run_concurrently)
+                       _say, _sha1, eval_dir, run_concurrently)
 from .schema import SPEAKER_LABEL_JA
 
 # =================================================================================================
@@ -200,7 +201,7 @@ class _Judge:
             answers[i] = text
             if self.cache is not None:
                 self.cache.append({"judge_model": self.judge_model, "prompt_sha": shas[i], "answer": text,
-                                   "time": _now()})
+                                   "time": now_iso()})
 
         run_concurrently(one, todo, self.responder.concurrency, store, self.responder.progress,
                          desc=f"judge {desc}")

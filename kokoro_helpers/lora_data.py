@@ -170,26 +170,27 @@ class ChatEncoder:
 
         out: list[Segment] = []
         eot = self.end_of_turn
+
+        def close_turn(gap: str, i: int) -> str:
+            """After assistant message i: its end-of-turn token belongs to it (and is trained with
+            it); the rest of the gap is returned."""
+            cut = gap.find(eot)
+            if cut < 0:
+                raise ChatTemplateError(f"no end-of-turn token {eot!r} after assistant message {i}")
+            cut += len(eot)
+            out.append(Segment(gap[:cut], i, trained(i)))
+            return gap[cut:]
+
         for i in range(n):
             gap = gaps[i]
             if i > 0 and messages[i - 1]["role"] == "assistant":
-                cut = gap.find(eot)
-                if cut < 0:
-                    raise ChatTemplateError(f"no end-of-turn token {eot!r} after assistant message {i - 1}")
-                cut += len(eot)
-                out.append(Segment(gap[:cut], i - 1, trained(i - 1)))
-                gap = gap[cut:]
+                gap = close_turn(gap, i - 1)
             if gap:
                 out.append(Segment(gap, i, False))
             out.append(Segment(contents[i], i, trained(i)))
         tail = gaps[n]
         if messages[-1]["role"] == "assistant":
-            cut = tail.find(eot)
-            if cut < 0:
-                raise ChatTemplateError(f"no end-of-turn token {eot!r} after the last assistant message")
-            cut += len(eot)
-            out.append(Segment(tail[:cut], n - 1, trained(n - 1)))
-            tail = tail[cut:]
+            tail = close_turn(tail, n - 1)
         if tail:
             out.append(Segment(tail, n - 1, False))
         return [s for s in out if s.text]

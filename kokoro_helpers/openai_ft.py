@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterable
 
 from . import cards
 from .costs import TrainingEstimate, actual_training_cost, estimate_training, is_auto
-from .jsonio import file_sha256, read_jsonl, write_json_atomic
+from .jsonio import file_sha256, read_json, read_jsonl, write_json_atomic
 from .retry import is_transient_error
 from .paths import project_root, resolve
 from .prices import DEFAULT_PRICES_FILE, PriceTable, load_prices
@@ -97,21 +97,15 @@ class LocalModelUnavailable(OpenAIFTError):
 
 # --- small I/O helpers ---------------------------------------------------------------------------
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
 def _iso(ts: int | float | None) -> str | None:
     return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds") if ts else None
 
 
 def _read_json(path: Path, default: Any = None) -> Any:
-    if not path.is_file():
-        return default
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise OpenAIFTError(f"{path} is corrupt ({exc}); fix or delete it") from exc
+        return read_json(path, default)
+    except ValueError as exc:
+        raise OpenAIFTError(f"{exc}; fix or delete it") from None
 
 
 def openai_dir(run_dir: str | Path) -> Path:
@@ -422,7 +416,7 @@ class JobRequest:
         e = self.preflight.estimate
         pf = self.preflight
         self.record = {
-            "written_at": _now(),
+            "written_at": cards.now_iso(),
             "mode": self.mode,
             "request": self.body,
             "request_fingerprint": self.fingerprint,
@@ -515,7 +509,7 @@ def upload_once(client: Any, path: str | Path, run_dir: str | Path, verify: bool
     fobj = client.files.create(file=(path.name, data), purpose="fine-tune")
     ledger = _read_json(ledger_path, default={}) or {}
     ledger[sha] = {"file_id": fobj.id, "filename": path.name, "bytes": len(data), "purpose": "fine-tune",
-                   "uploaded_at": _now()}
+                   "uploaded_at": cards.now_iso()}
     write_json_atomic(ledger_path, ledger)
     log(f"{path.name}: uploaded as {fobj.id} ({len(data):,} bytes)")
     return fobj.id
@@ -558,7 +552,7 @@ def write_job_card(req: JobRequest, job: Any, file_ids: dict[str, str]) -> Path:
     card = cards.new_card(
         "openai", model_id=getattr(job, "fine_tuned_model", None), base_model=pf.base_model,
         training_params=_training_params(req, hp), usage_instructions=_usage(None, job.id, job.status),
-        job_id=job.id, status=job.status, status_history=[{"status": job.status, "time": _now()}],
+        job_id=job.id, status=job.status, status_history=[{"status": job.status, "time": cards.now_iso()}],
         job_created_at=_iso(getattr(job, "created_at", None)), suffix=req.body.get("suffix"),
         requested_hyperparameters=hp, file_ids=file_ids,
         data_sha256={**(pf.stats.get("data_sha256") or {}), **pf.sha256},
@@ -637,7 +631,7 @@ def submit(req: JobRequest, client: Any, new_job: bool = False, log: Callable[[s
 
     file_ids = {split: upload_once(client, p, req.run_dir, log=log) for split, p in req.preflight.files.items()}
     req.write(file_ids)
-    write_json_atomic(pending_path, {"request_fingerprint": req.fingerprint, "kokoro_request": tag, "since": _now()})
+    write_json_atomic(pending_path, {"request_fingerprint": req.fingerprint, "kokoro_request": tag, "since": cards.now_iso()})
     job = client.fine_tuning.jobs.create(**req.body)
     path = write_job_card(req, job, file_ids)          # the job id is safe on disk from here on
     pending_path.unlink(missing_ok=True)
@@ -649,7 +643,7 @@ def cancel(card_path: str | Path, client: Any) -> dict[str, Any]:
     """Cancel the card's job (one call) and record it in the card."""
     card = cards.load_card(card_path)
     job = client.fine_tuning.jobs.cancel(card["job_id"])
-    history = list(card.get("status_history") or []) + [{"status": job.status, "time": _now(), "by": "cancel()"}]
+    history = list(card.get("status_history") or []) + [{"status": job.status, "time": cards.now_iso(), "by": "cancel()"}]
     card = cards.update_card(card_path, status=job.status, status_history=history)
     print(f"Cancel requested for {card['job_id']}: status {job.status}")
     return card
@@ -717,7 +711,7 @@ class JobMonitor:
     def _status(self, job: Any) -> None:
         status = job.status
         if status != self.card.get("status"):
-            history = list(self.card.get("status_history") or []) + [{"status": status, "time": _now()}]
+            history = list(self.card.get("status_history") or []) + [{"status": status, "time": cards.now_iso()}]
             self.log(f"status: {self.card.get('status')} → {status}")
             self._save(status=status, status_history=history,
                        usage_instructions=_usage(job.fine_tuned_model, self.job_id, status))

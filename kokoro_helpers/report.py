@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .jsonio import read_json
 from .params import load_params, run_name
 from .paths import project_root, resolve
 
@@ -80,9 +81,10 @@ def render_html(nb_path: Path) -> Path:
 # ---- key figures for the index, read from what the notebooks wrote into run_dir ----------------
 
 def _read_json(path: Path) -> Any:
+    """The index never fails on a step's file: missing or unreadable reads as None."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return read_json(path)
+    except ValueError:
         return None
 
 

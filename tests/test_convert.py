@@ -196,6 +196,13 @@ def test_context_is_carried_into_later_windows():
     assert not any(m.get("weight") == 0 for m in windows[0])
 
 
+def test_precomputed_costs_give_the_same_windows():
+    counter = _char_counter()
+    msgs = _long_messages()
+    assert split_into_windows(msgs, 260, counter.message_costs(msgs), 3) == \
+        split_into_windows(msgs, 260, counter.message_costs, 3)
+
+
 def test_context_never_crowds_out_an_exchange_that_fits_alone():
     """Regression: the context carried from the previous window must leave room for the next
     exchange; an exchange that fits the limit on its own is never reported as too long."""
