@@ -49,6 +49,7 @@ from .paths import project_root, resolve
 from .prices import DEFAULT_PRICES_FILE, PriceTable, load_prices
 from .tokens import TokenCounter, get_token_counter
 from .validate import example_errors
+from .openai_errors import AZURE_ENV, KEY_ENV, SERVICE
 
 ENV_KEY = "OPENAI_API_KEY"
 FORCE_DRY_RUN_ENV = "KOKORO_OPENAI_DRY_RUN"   # "1": every mode resolves to dry_run (CI, make test)
@@ -60,39 +61,27 @@ DEFAULT_MAX_EXAMPLE_TOKENS = 65_536
 MAX_SUFFIX_CHARS = 64
 
 
-# --- errors --------------------------------------------------------------------------------------
+# --- errors (kokoro_helpers.openai_errors; re-exported here) ------------------------------------
 
-class OpenAIFTError(RuntimeError):
-    """Base of this module's errors; the message says what to do."""
-
-
-class MissingKeyError(OpenAIFTError):
-    """No OPENAI_API_KEY where a request must be sent."""
-
-
-class DataError(OpenAIFTError):
-    """The training/validation files are missing or not in OpenAI's chat format."""
+from .openai_errors import (APIFailure, CostGuardError, CreationRefusedError, DataError,  # noqa: E402,F401
+                            JobEndedError, JobFailedError, LocalModelUnavailable, LookupFailedError,
+                            MissingKeyError, OpenAIFTError, PROVIDERS, RunLockedError, explain,
+                            is_creation_refused, record_failure, redact, refused_message, server_message,
+                            NEW_JOB_HINT)
+from .openai_jobs import RunLock, create_job_once, find_job, new_pending  # noqa: E402,F401
+from . import openai_uploads  # noqa: E402
 
 
-class CostGuardError(OpenAIFTError):
-    """The estimated cost is above max_training_cost_usd."""
-
-
-class JobFailedError(OpenAIFTError):
-    """A job ended `failed`; carries OpenAI's error code and message."""
-
-    def __init__(self, job_id: str, code: str | None, message: str | None, param: str | None = None):
-        self.job_id, self.code, self.message, self.param = job_id, code, message, param
-        where = f" (param: {param})" if param else ""
-        super().__init__(f"fine-tuning job {job_id} failed: {code or 'error'}: {message or 'no message'}{where}")
-
-
-class JobEndedError(OpenAIFTError):
-    """The last job for this exact request ended failed/cancelled; a new one needs `new_job=True`."""
-
-
-class LocalModelUnavailable(OpenAIFTError):
-    """A local LoRA card, but the local generation module is not available."""
+def fmt_usd(value: float) -> str:
+    """A dollar amount with enough digits to be non-zero: $12.34, $0.50, $0.015, $0.0001."""
+    x = float(value)
+    if x == 0 or abs(x) >= 1:
+        return f"${x:,.2f}"
+    import math
+    decimals = min(8, max(2, 2 - math.floor(math.log10(abs(x)))))
+    text = f"{x:.{decimals}f}".rstrip("0")
+    head, _, tail = text.partition(".")
+    return f"${head}.{tail.ljust(2, '0')}"
 
 
 # --- small I/O helpers ---------------------------------------------------------------------------
@@ -134,54 +123,80 @@ def load_env() -> None:
         load_dotenv(env_file, override=False)
 
 
-def has_api_key() -> bool:
-    """Whether OPENAI_API_KEY is set (environment or .env). Never returns the key itself."""
+def check_provider(provider: str | None) -> str:
+    p = str(provider or "openai").strip().lower()
+    if p not in PROVIDERS:
+        raise ValueError(f"openai_provider must be one of {', '.join(PROVIDERS)}, got {provider!r}")
+    return p
+
+
+def _missing_env(provider: str = "openai") -> list[str]:
+    """The environment variables `provider` needs that are not set (names only, never values)."""
     load_env()
-    return bool(os.environ.get(ENV_KEY, "").strip())
+    needed = AZURE_ENV if check_provider(provider) == "azure" else (ENV_KEY,)
+    return [name for name in needed if not os.environ.get(name, "").strip()]
 
 
-def _missing_key_message(what: str = "this") -> str:
-    return (f"{ENV_KEY} is not set: {what} needs it. Put it in the environment or in .env at the "
-            f"project root (see .env.example); never in a parameter file.")
+def has_api_key(provider: str = "openai") -> bool:
+    """Whether the provider's key (OPENAI_API_KEY; for azure also its endpoint and API version) is set
+    in the environment or .env. Never returns the key itself."""
+    return not _missing_env(provider)
 
 
-def make_client(client: Any = None, *, max_retries: int = 5, timeout: float = 120.0, **client_kwargs: Any):
-    """The OpenAI client: an injected one as is (AzureOpenAI, any compatible client, a test double);
-    else `openai.OpenAI`, which reads OPENAI_API_KEY (and OPENAI_BASE_URL, OPENAI_ORG_ID,
-    OPENAI_PROJECT_ID) from the environment, after `.env` is loaded. `max_retries`: the SDK's own
-    retries with backoff on 429, 5xx, timeouts and connection errors."""
+def _missing_key_message(what: str = "this", provider: str = "openai") -> str:
+    names = " and ".join(_missing_env(provider) or ([ENV_KEY] if provider == "openai" else list(AZURE_ENV)))
+    return (f"{names} {'is' if ' and ' not in names else 'are'} not set: {what} needs "
+            f"{'it' if ' and ' not in names else 'them'}. Put {'it' if ' and ' not in names else 'them'} in the "
+            f"environment or in .env at the project root (see .env.example); never in a parameter file.")
+
+
+def make_client(client: Any = None, *, max_retries: int = 5, timeout: float = 120.0, provider: str = "openai",
+                **client_kwargs: Any):
+    """The API client: an injected one as is (any compatible client, a test double); else for
+    provider "openai" `openai.OpenAI`, which reads OPENAI_API_KEY (and OPENAI_BASE_URL, OPENAI_ORG_ID,
+    OPENAI_PROJECT_ID) from the environment, and for "azure" `openai.AzureOpenAI`, which reads
+    AZURE_OPENAI_ENDPOINT, AZURE_OPENAI_API_KEY and OPENAI_API_VERSION — both after `.env` is loaded.
+    `max_retries`: the SDK's own retries with backoff on 429, 5xx, timeouts and connection errors
+    (the create calls switch them off: see openai_jobs)."""
     if client is not None:
         return client
+    provider = check_provider(provider)
     if "api_key" in client_kwargs:
-        raise OpenAIFTError(f"the key is never a parameter: set {ENV_KEY} in the environment or .env")
-    if not has_api_key():
-        raise MissingKeyError(_missing_key_message("talking to OpenAI"))
+        raise OpenAIFTError(f"the key is never a parameter: set {KEY_ENV[provider]} in the environment or .env")
+    if not has_api_key(provider):
+        raise MissingKeyError(_missing_key_message(f"talking to {SERVICE[provider]}", provider))
     import openai
-    return openai.OpenAI(max_retries=max_retries, timeout=timeout, **client_kwargs)
+    cls = openai.AzureOpenAI if provider == "azure" else openai.OpenAI
+    return cls(max_retries=max_retries, timeout=timeout, **client_kwargs)
 
 
-def resolve_mode(openai_mode: str = "auto", client: Any = None) -> str:
-    """"submit" or "dry_run". auto: submit when OPENAI_API_KEY is set (or a client is injected);
+def resolve_mode(openai_mode: str = "auto", client: Any = None, provider: str = "openai") -> str:
+    """"submit" or "dry_run". auto: submit when the provider's key is set (or a client is injected);
     dry_run: never touches the network, even with a key; submit: an error without a key.
     The environment variable KOKORO_OPENAI_DRY_RUN=1 forces dry_run (for CI and `make test`)."""
+    provider = check_provider(provider)
     mode = str(openai_mode).strip().lower().replace("-", "_")
     if mode not in MODES:
         raise ValueError(f"openai_mode must be one of {', '.join(MODES)}, got {openai_mode!r}")
     if os.environ.get(FORCE_DRY_RUN_ENV) == "1" or mode == "dry_run":
         return "dry_run"
-    available = client is not None or has_api_key()
+    available = client is not None or has_api_key(provider)
     if mode == "submit" and not available:
-        raise MissingKeyError(_missing_key_message('openai_mode="submit"') + ' Or use openai_mode="dry_run".')
+        raise MissingKeyError(_missing_key_message('openai_mode="submit"', provider)
+                              + ' Or use openai_mode="dry_run"; Part B (local LoRA) needs no key.')
     return "submit" if available else "dry_run"
 
 
-def describe_mode(mode: str, requested: str = "auto") -> str:
+def describe_mode(mode: str, requested: str = "auto", provider: str = "openai") -> str:
     """One sentence on what the resolved mode will do (never mentions the key's value)."""
+    provider = check_provider(provider)
+    key = KEY_ENV[provider]
     if mode == "submit":
-        return (f"Mode: submit (openai_mode={requested!r}, {ENV_KEY} found): files are uploaded once and "
-                "a job is created — or the earlier job for this same request is resumed.")
+        return (f"Mode: submit to {SERVICE[provider]} (openai_mode={requested!r}, {key} found): files are "
+                "uploaded once and a job is created — or the earlier job for this same request is resumed.")
     why = ("forced by KOKORO_OPENAI_DRY_RUN=1" if os.environ.get(FORCE_DRY_RUN_ENV) == "1"
-           else "as asked" if str(requested) == "dry_run" else f"no {ENV_KEY} in the environment or .env")
+           else "as asked" if str(requested) == "dry_run"
+           else f"no {' / '.join(_missing_env(provider)) or key} in the environment or .env")
     return (f"Mode: dry run (openai_mode={requested!r}, {why}): the request and its estimate are written "
             "to run_dir/openai/job_request.json; nothing is sent.")
 
@@ -207,6 +222,7 @@ class Preflight:
     estimate: TrainingEstimate
     service_window: str | None = None
     notes: list[str] = field(default_factory=list)
+    provider: str = "openai"
 
     @property
     def is_estimate(self) -> bool:
@@ -240,8 +256,8 @@ class Preflight:
              if e.capped_examples >= 0 else f"Σ example tokens, cap {limit} (upper bound)"),
             ("epochs", e.epochs_label, f"n_epochs={self.n_epochs!r}"),
             ("billed tokens", f"{e.billed_tokens:,}", "epochs × tokens per epoch"),
-            ("price", f"${e.price_per_1m:.2f} / 1M training tokens", f"{self.prices.source}, as of {e.prices_as_of}"),
-            ("cost (USD)", f"${e.usd:,.2f}", tag),
+            ("price", f"{fmt_usd(e.price_per_1m)} / 1M training tokens", f"{self.prices.source}, as of {e.prices_as_of}"),
+            ("cost (USD)", fmt_usd(e.usd), tag),
             ("cost (JPY)", f"¥{e.jpy:,.0f}", f"{tag}; at {e.fx_label}"),
             ("token counter", self.token_counter, "estimate" if self.token_counter.startswith("estimate:") else "exact"),
             ("label", tag, e.label),
@@ -260,7 +276,7 @@ def read_examples(path: Path) -> list[dict[str, Any]]:
 def preflight(run_dir: str | Path = "runs/default", base_model: str = "gpt-4o-mini-2024-07-18",
               n_epochs: Any = "auto", max_example_tokens: int | None = None,
               prices_file: str | Path | None = None, counter: TokenCounter | None = None,
-              today: Any = None) -> Preflight:
+              today: Any = None, provider: str = "openai") -> Preflight:
     """Re-validate data/train.jsonl and data/valid.jsonl in OpenAI's chat format, count their tokens,
     and estimate the bill: epochs × Σ min(limit, example tokens) × the training price. Raises
     DataError with counts per error category (and the first lines) if a file is not valid."""
@@ -275,7 +291,8 @@ def preflight(run_dir: str | Path = "runs/default", base_model: str = "gpt-4o-mi
         notes.append("data/stats.json is missing: token counts are computed here only")
     limit = int(max_example_tokens or stats.get("max_example_tokens") or DEFAULT_MAX_EXAMPLE_TOKENS)
     counter = counter or get_token_counter()
-    table = load_prices(prices_file)
+    provider = check_provider(provider)
+    table = load_prices(prices_file).for_provider(provider)
     price = table.entry(base_model)   # a clear error for an unpriced model, before anything else
 
     files: dict[str, Path] = {"train": train}
@@ -321,8 +338,8 @@ def preflight(run_dir: str | Path = "runs/default", base_model: str = "gpt-4o-mi
     estimate = estimate_training(per_ex["train"], n_epochs, price["training"], table.jpy_per_usd,
                                  max_tokens_per_example=limit, base_model=price["model"],
                                  token_counter=counter.name, prices_as_of=table.as_of, fx_label=table.fx_label)
-    window = table.service_window(base_model, today=today).warning()
-    return Preflight(run_dir=run, base_model=base_model, n_epochs=n_epochs, files=files, sha256=sha,
+    window = table.service_window(base_model, today=today).warning() if provider == "openai" else None
+    return Preflight(provider=provider, run_dir=run, base_model=base_model, n_epochs=n_epochs, files=files, sha256=sha,
                      examples=n_ex, tokens=toks, example_tokens=per_ex, max_example_tokens=limit,
                      token_counter=counter.name, stats=stats, prices=table, estimate=estimate,
                      service_window=window, notes=notes)
@@ -397,15 +414,16 @@ class JobRequest:
     def guard_message(self) -> str:
         e = self.preflight.estimate
         tag = "estimate" if e.is_estimate else "computed"
-        numbers = (f"${e.usd:,.2f} ({tag}: {e.billed_tokens:,} billed tokens = {e.epochs} epochs × "
+        numbers = (f"{fmt_usd(e.usd)} ({tag}: {e.billed_tokens:,} billed tokens = {e.epochs} epochs × "
                    f"{e.tokens_per_epoch:,} tokens × ${e.price_per_1m:g}/1M)")
         if self.max_training_cost_usd is None:
             return f"cost guard off (max_training_cost_usd is None); training cost {numbers}"
+        limit = fmt_usd(float(self.max_training_cost_usd))
         if self.guard_passes:
-            return f"cost guard passes: {numbers} ≤ max_training_cost_usd ${float(self.max_training_cost_usd):,.2f}"
-        return (f"cost guard refuses: training cost {numbers} is above max_training_cost_usd "
-                f"${float(self.max_training_cost_usd):,.2f}. Raise max_training_cost_usd if you mean it, "
-                "or reduce the data (max_samples, score filters) or n_epochs.")
+            return f"cost guard passes: {numbers} ≤ max_training_cost_usd {limit}"
+        return (f"cost guard refuses: training cost {numbers} is above max_training_cost_usd {limit}, so no "
+                "job was created and nothing was sent. Raise max_training_cost_usd if you mean it, "
+                "or reduce the data (max_samples, score filters) or n_epochs; the dry run shows the estimate.")
 
     def write(self, file_ids: dict[str, str | None] | None = None) -> Path:
         """(Re)write run_dir/openai/job_request.json; with file ids once they are known."""
@@ -486,41 +504,28 @@ def write_job_request(pf: Preflight, mode: str, batch_size: Any = "auto", learni
 # --- upload once ----------------------------------------------------------------------------------
 
 def upload_once(client: Any, path: str | Path, run_dir: str | Path, verify: bool = True,
-                log: Callable[[str], None] = print) -> str:
-    """The file id of `path`'s content at OpenAI: reused from run_dir/openai/uploads.json when the same
-    bytes were uploaded before (and, with `verify`, still exist there), else uploaded now with
-    purpose="fine-tune" and recorded immediately."""
-    path = Path(path)
-    data = path.read_bytes()
-    sha = hashlib.sha256(data).hexdigest()
-    ledger_path = openai_dir(run_dir) / "uploads.json"
-    ledger = _read_json(ledger_path, default={}) or {}
-    known = ledger.get(sha)
-    if known and known.get("file_id"):
-        if not verify:
-            return known["file_id"]
-        import openai
-        try:
-            client.files.retrieve(known["file_id"])
-            log(f"{path.name}: same content already uploaded as {known['file_id']} (not uploaded again)")
-            return known["file_id"]
-        except openai.NotFoundError:
-            log(f"{path.name}: {known['file_id']} no longer exists at OpenAI; uploading again")
-    fobj = client.files.create(file=(path.name, data), purpose="fine-tune")
-    ledger = _read_json(ledger_path, default={}) or {}
-    ledger[sha] = {"file_id": fobj.id, "filename": path.name, "bytes": len(data), "purpose": "fine-tune",
-                   "uploaded_at": cards.now_iso()}
-    write_json_atomic(ledger_path, ledger)
-    log(f"{path.name}: uploaded as {fobj.id} ({len(data):,} bytes)")
-    return fobj.id
+                log: Callable[[str], None] = print, provider: str = "openai") -> str:
+    """The file id of `path`'s content at the service, uploaded at most once (see openai_uploads):
+    recorded pending before sending, reconciled against the file list after a lost answer."""
+    return openai_uploads.upload_once(client, path, run_dir, verify=verify, log=log, provider=provider)
 
 
 # --- cards ----------------------------------------------------------------------------------------
 
-def _usage(model_id: str | None, job_id: str, status: str) -> str:
+def _usage(model_id: str | None, job_id: str, status: str, provider: str = "openai",
+           deployment: str | None = None) -> str:
     if not model_id:
         return (f"Not usable yet: job {job_id} is {status}. Resume with openai_ft.monitor(card_path, client) "
                 "or by re-running 02_finetune.")
+    if provider == "azure":
+        name = deployment or "<deployment>"
+        return (f"Azure OpenAI fine-tuned model {model_id}. Azure serves it only once it is DEPLOYED: create a "
+                f"deployment of {model_id} (Foundry portal > Deployments, or the Azure management API / "
+                f"`az cognitiveservices account deployment create`), named e.g. {name!r}; a Standard deployment "
+                f"bills an hourly hosting fee until deleted (params/prices.yaml azure). Then set azure_deployment: "
+                f"{name} (02/03 parameters) and use it: python -m kokoro_helpers.saved_models --model-id {model_id} "
+                f"--deployment {name} --input 'こんにちは' (needs AZURE_OPENAI_ENDPOINT, AZURE_OPENAI_API_KEY, "
+                "OPENAI_API_VERSION).")
     return (f"OpenAI chat model {model_id} (needs {ENV_KEY}). CLI: python -m kokoro_helpers.saved_models "
             f"--model-id {model_id} --input 'こんにちは'. Python: kokoro_helpers.openai_ft.chat(card, messages) "
             f"or client.chat.completions.create(model='{model_id}', messages=[...]).")
@@ -544,14 +549,17 @@ def _training_params(req: JobRequest, hp: dict[str, Any]) -> dict[str, Any]:
                             "valid": counts.get("valid", req.preflight.examples.get("valid"))}}
 
 
-def write_job_card(req: JobRequest, job: Any, file_ids: dict[str, str]) -> Path:
+def write_job_card(req: JobRequest, job: Any, file_ids: dict[str, str], azure_deployment: str | None = None) -> Path:
     """The model card of a job that now exists — written before anything else can fail."""
     pf = req.preflight
     hp = req.body["method"]["supervised"]["hyperparameters"]
     path = cards.card_path(pf.run_dir, f"openai-{req.body.get('suffix') or 'ft'}-{job.id}")
+    error = _dump(getattr(job, "error", None)) if getattr(job, "status", None) == "failed" else None
     card = cards.new_card(
         "openai", model_id=getattr(job, "fine_tuned_model", None), base_model=pf.base_model,
-        training_params=_training_params(req, hp), usage_instructions=_usage(None, job.id, job.status),
+        training_params=_training_params(req, hp),
+        usage_instructions=_usage(None, job.id, job.status, pf.provider, azure_deployment),
+        provider=pf.provider, azure_deployment=azure_deployment if pf.provider == "azure" else None,
         job_id=job.id, status=job.status, status_history=[{"status": job.status, "time": cards.now_iso()}],
         job_created_at=_iso(getattr(job, "created_at", None)), suffix=req.body.get("suffix"),
         requested_hyperparameters=hp, file_ids=file_ids,
@@ -561,35 +569,34 @@ def write_job_card(req: JobRequest, job: Any, file_ids: dict[str, str]) -> Path:
                   "usd": round(pf.estimate.usd, 6), "jpy": round(pf.estimate.jpy, 2),
                   "is_estimate": pf.estimate.is_estimate, "label": pf.estimate.label},
         request_fingerprint=req.fingerprint, job_request_file="openai/job_request.json",
+        request_metadata=_meta_of(job) or req.body.get("metadata"),
         prices_file=req.prices_file, trained_tokens=None, actual_cost=None, checkpoints=[],
-        training_metrics={}, result_files=[], error=None, finalized=False,
+        training_metrics={}, result_files=[], error=error or None, finalized=False,
         monitor={"last_event_at": None, "last_event_ids": [], "events_file": f"openai/{job.id}_events.jsonl"},
     )
     return cards.save_card(path, card)
 
 
+def _meta_of(job: Any) -> dict[str, Any] | None:
+    meta = getattr(job, "metadata", None)
+    return dict(meta) if isinstance(meta, dict) else None
+
+
 # --- submit ---------------------------------------------------------------------------------------
 
-def _find_adoptable_job(client: Any, tag: str) -> Any | None:
-    """A job of this request created earlier whose answer was lost (matched by metadata.kokoro_request)."""
-    try:
-        page = client.fine_tuning.jobs.list(limit=50)
-    except Exception:  # the list is a best effort; the pending record stays for the next try
-        return None
-    for job in getattr(page, "data", []) or []:
-        meta = getattr(job, "metadata", None) or {}
-        if meta.get("kokoro_request") == tag and getattr(job, "status", None) not in ("failed", "cancelled"):
-            return job
-    return None
+def _ended_message(card: dict[str, Any], path: Path, found: str = "") -> str:
+    err = card.get("error") or {}
+    detail = f" ({err.get('code')}: {redact(err.get('message'))})" if err else ""
+    return (f"The last fine-tuning job for this exact request, {card['job_id']}{found}, ended "
+            f"{card.get('status')}{detail}; no new job was created (nothing is paid twice). Fix the cause (or change "
+            f"the request), then {NEW_JOB_HINT} to start another — from Python: "
+            f"submit(req, client, new_job=True). Card: {path}. {LOCAL_HINT_TEXT}")
 
 
-def submit(req: JobRequest, client: Any, new_job: bool = False, log: Callable[[str], None] = print) -> Path:
-    """Create the job for `req` — or resume the one this exact request already has — and return its
-    card's path. Order: resume check, cost guard, upload once, create, card (immediately).
-    `new_job=True` starts a fresh job even when the last one for this request failed or was cancelled."""
-    if req.mode != "submit":
-        raise OpenAIFTError("this request was written in dry-run mode: nothing is submitted "
-                            f"(set openai_mode='submit' or 'auto' with {ENV_KEY} set)")
+LOCAL_HINT_TEXT = "Part B of 02_finetune (local LoRA) does not depend on it."
+
+
+def _check_cards(req: JobRequest) -> None:
     unreadable = []
     for card_file in sorted(cards.models_dir(req.run_dir).glob("openai-*.json")):
         try:
@@ -599,6 +606,40 @@ def submit(req: JobRequest, client: Any, new_job: bool = False, log: Callable[[s
     if unreadable:   # it may hold the id of a running job: creating another could pay twice
         raise OpenAIFTError(f"model card {unreadable[0]} is unreadable and may hold a running job's id: "
                             "repair it (or move it away if you are sure) before submitting")
+
+
+def submit(req: JobRequest, client: Any, new_job: bool = False, log: Callable[[str], None] = print,
+           azure_deployment: str | None = None, lock_timeout_s: float | None = 120.0,
+           sleep: Callable[[float], None] = time.sleep) -> Path:
+    """Create the job for `req` — or resume the one this exact request already has — and return its
+    card's path. Under the run folder's lock: resume check, lost-answer lookup, cost guard, upload
+    once, create once, card (immediately). `new_job=True` (the notebook's `openai_new_job`) starts a
+    fresh job when the last one for this request failed or was cancelled. API failures are raised
+    as one-message OpenAIFTErrors (details in run_dir/openai/errors.jsonl)."""
+    if req.mode != "submit":
+        raise OpenAIFTError("this request was written in dry-run mode: nothing is submitted "
+                            f"(set openai_mode='submit' or 'auto' with {KEY_ENV[req.preflight.provider]} set)")
+    provider = req.preflight.provider
+    with RunLock(req.run_dir, lock_timeout_s, what="submitting a fine-tuning job in"):
+        try:
+            return _submit_locked(req, client, new_job, log, provider, azure_deployment, sleep)
+        except OpenAIFTError as err:
+            record_failure(req.run_dir, err, err.__cause__ or err, stage="submit", provider=provider)
+            err._recorded = True  # type: ignore[attr-defined]
+            raise
+        except Exception as exc:  # an SDK error: one message, the details to errors.jsonl
+            import openai
+            if not isinstance(exc, openai.APIError):      # not the API's: raised as it is (PartA explains it)
+                raise
+            err = explain(exc, provider, "submitting the fine-tuning job")
+            record_failure(req.run_dir, err, exc, stage="submit", provider=provider)
+            err._recorded = True  # type: ignore[attr-defined]
+            raise err from exc
+
+
+def _submit_locked(req: JobRequest, client: Any, new_job: bool, log: Callable[[str], None], provider: str,
+                   azure_deployment: str | None, sleep: Callable[[float], None]) -> Path:
+    _check_cards(req)
     existing = job_cards(req.run_dir, req.fingerprint)
     if existing:
         path, card = existing[0]
@@ -608,34 +649,51 @@ def submit(req: JobRequest, client: Any, new_job: bool = False, log: Callable[[s
             log(f"Resuming job {card['job_id']} of this request ({what}) from {path} — no new job created.")
             return path
         if not new_job:
-            err = card.get("error") or {}
-            detail = f": {err.get('code')}: {err.get('message')}" if err else ""
-            raise JobEndedError(f"the last job for this request, {card['job_id']}, ended {status}{detail}. "
-                                f"Fix the cause (or change the request) and call submit(req, client, new_job=True) "
-                                f"to start another (see {path}).")
+            raise JobEndedError(_ended_message(card, path))
+
+    pending_path = openai_dir(req.run_dir) / "pending_job.json"
+    pending = _read_json(pending_path, default=None)
+    if pending and pending.get("request_fingerprint") == req.fingerprint:
+        job = find_job(client, pending, provider)        # a failed lookup stops here, the record kept
+        if job is not None:
+            file_ids = {k: v for k, v in {"train": job.training_file,
+                                          "valid": getattr(job, "validation_file", None)}.items() if v}
+            path = write_job_card(req, job, file_ids, azure_deployment)
+            pending_path.unlink(missing_ok=True)
+            if job.status in ("failed", "cancelled"):
+                if not new_job:
+                    raise JobEndedError(_ended_message(cards.load_card(path), path,
+                                                       " (created by an earlier run whose answer was lost)"))
+            else:
+                log(f"Adopted job {job.id}, created by an earlier run whose answer was lost; card {path}")
+                return path
+        else:
+            log("an earlier run's job creation left no job at the service; creating it now")
     if not req.guard_passes:
         raise CostGuardError(req.guard_message())
     log(req.guard_message())
 
-    tag = req.body["metadata"]["kokoro_request"]
-    pending_path = openai_dir(req.run_dir) / "pending_job.json"
-    pending = _read_json(pending_path, default=None)
-    if pending and pending.get("request_fingerprint") == req.fingerprint and not new_job:
-        job = _find_adoptable_job(client, tag)
-        if job is not None:
-            file_ids = {"train": job.training_file, "valid": getattr(job, "validation_file", None)}
-            path = write_job_card(req, job, {k: v for k, v in file_ids.items() if v})
-            pending_path.unlink(missing_ok=True)
-            log(f"Adopted job {job.id}, created by an earlier run whose answer was lost; card {path}")
-            return path
-
-    file_ids = {split: upload_once(client, p, req.run_dir, log=log) for split, p in req.preflight.files.items()}
+    file_ids = {split: openai_uploads.upload_once(client, p, req.run_dir, log=log, provider=provider, sleep=sleep)
+                for split, p in req.preflight.files.items()}
     req.write(file_ids)
-    write_json_atomic(pending_path, {"request_fingerprint": req.fingerprint, "kokoro_request": tag, "since": cards.now_iso()})
-    job = client.fine_tuning.jobs.create(**req.body)
-    path = write_job_card(req, job, file_ids)          # the job id is safe on disk from here on
+    pending = new_pending(req.body, req.fingerprint)
+    body = {**req.body, "metadata": {**req.body["metadata"], "kokoro_attempt": pending["attempt"]}}
+    pending["body"] = body
+    write_json_atomic(pending_path, pending)            # before the request: a lost answer is found later
+    try:
+        job = create_job_once(client, body, pending, provider, sleep=sleep, log=log)
+    except Exception as exc:
+        if is_creation_refused(exc):
+            pending_path.unlink(missing_ok=True)         # refused: certainly no job
+            raise CreationRefusedError(refused_message(provider, server_message(exc),
+                                                       getattr(exc, "code", None)),
+                                       getattr(exc, "status_code", None), getattr(exc, "code", None)) from exc
+        if getattr(exc, "status_code", None) in (400, 401, 403, 404, 422):
+            pending_path.unlink(missing_ok=True)         # an answer came back: no job was created
+        raise
+    path = write_job_card(req, job, file_ids, azure_deployment)   # the job id is safe on disk from here on
     pending_path.unlink(missing_ok=True)
-    log(f"Created job {job.id} ({job.status}); card {path}")
+    log(f"Created job {job.id} ({job.status}) at {SERVICE[provider]}; card {path}")
     return path
 
 
@@ -714,7 +772,8 @@ class JobMonitor:
             history = list(self.card.get("status_history") or []) + [{"status": status, "time": cards.now_iso()}]
             self.log(f"status: {self.card.get('status')} → {status}")
             self._save(status=status, status_history=history,
-                       usage_instructions=_usage(job.fine_tuned_model, self.job_id, status))
+                       usage_instructions=_usage(job.fine_tuned_model, self.job_id, status,
+                                                 self.card.get("provider", "openai"), self.card.get("azure_deployment")))
         if self.bar is not None:
             self.bar.set_description(f"{self.job_id} {status}")
 
@@ -741,7 +800,7 @@ class JobMonitor:
                 break
             after = data[-1].id
         unique = {ev.id: ev for ev in new}
-        return sorted(unique.values(), key=lambda ev: ev.created_at)
+        return sorted(unique.values(), key=lambda ev: (ev.created_at, str(ev.id)))   # oldest first, ties by id
 
     def _events(self) -> None:
         events = self._new_events()
@@ -813,7 +872,8 @@ class JobMonitor:
         return self.finalize(job)
 
     def _raise_failed(self, err: dict[str, Any]) -> None:
-        raise JobFailedError(self.job_id, err.get("code"), err.get("message"), err.get("param"))
+        raise JobFailedError(self.job_id, err.get("code"), err.get("message"), err.get("param"),
+                             provider=self.card.get("provider", "openai"))
 
     def finalize(self, job: Any) -> dict[str, Any]:
         """Record how the job ended. Cheap, essential fields are saved first, then the downloads."""
@@ -835,10 +895,11 @@ class JobMonitor:
         fields: dict[str, Any] = dict(
             model_id=job.fine_tuned_model, trained_tokens=job.trained_tokens, finished_at=_iso(job.finished_at),
             training_params=params, result_files=list(job.result_files or []),
-            usage_instructions=_usage(job.fine_tuned_model, self.job_id, job.status))
+            usage_instructions=_usage(job.fine_tuned_model, self.job_id, job.status,
+                                      self.card.get("provider", "openai"), self.card.get("azure_deployment")))
         if job.trained_tokens:
             try:
-                table = load_prices(self.card.get("prices_file"))
+                table = load_prices(self.card.get("prices_file")).for_provider(self.card.get("provider", "openai"))
                 cost = actual_training_cost(job.trained_tokens, table.training_price(self.card["base_model"]),
                                             table.jpy_per_usd, table.as_of)
                 fields["actual_cost"] = {"usd": round(cost.usd, 6), "jpy": round(cost.jpy, 2),
@@ -934,9 +995,10 @@ def card_summary(card: dict[str, Any]):
         "base_model": card.get("base_model"), "epochs": params.get("epochs"), "batch_size": params.get("batch_size"),
         "learning_rate_multiplier": params.get("learning_rate_multiplier"),
         "trained_tokens": card.get("trained_tokens"),
-        "estimated cost (USD)": f"${est['usd']:,.2f} ({'estimate' if est.get('is_estimate') else 'computed'})"
+        "estimated cost (USD)": f"{fmt_usd(est['usd'])} ({'estimate' if est.get('is_estimate') else 'computed'})"
         if "usd" in est else None,
-        "actual cost (USD)": f"${actual['usd']:,.2f} (trained_tokens × listed price)" if "usd" in actual else None,
+        "actual cost (USD)": f"{fmt_usd(actual['usd'])} (trained_tokens × listed price)" if "usd" in actual else None,
+        "provider": card.get("provider", "openai"),
         "final train loss": metrics.get("final_train_loss"),
         "final valid loss": metrics.get("final_valid_loss", metrics.get("final_full_valid_loss")),
         "checkpoints": len(card.get("checkpoints") or []),
@@ -997,8 +1059,31 @@ def _as_card(card_or_model_id: Any) -> dict[str, Any]:
     return {"model_id": text, "kind": "openai"}
 
 
+def inference_model(card: dict[str, Any], deployment: str | None = None) -> str:
+    """The `model=` to send for a card: its fine-tuned model id; on Azure its deployment name (a
+    fine-tuned model must be deployed before Azure serves it)."""
+    if card.get("provider", "openai") == "azure":
+        name = deployment or card.get("azure_deployment")
+        if not name:
+            raise OpenAIFTError(
+                f"{card.get('model_id')} is an Azure OpenAI fine-tune: Azure serves it only through a deployment. "
+                "Deploy it (see the card's usage_instructions), then pass its name: azure_deployment (02/03 "
+                "parameters) or --deployment NAME (saved_models).")
+        return str(name)
+    model = card.get("model_id")
+    if not model:
+        raise OpenAIFTError(f"this card has no model yet (job {card.get('job_id')} is {card.get('status')}): "
+                            "resume monitoring first")
+    return str(model)
+
+
+def client_for_card(card: dict[str, Any], client: Any = None, **kwargs: Any) -> Any:
+    """The client for a card's provider (openai / azure), from the environment; an injected one as is."""
+    return make_client(client, provider=card.get("provider", "openai"), **kwargs)
+
+
 def chat(card_or_model_id: Any, messages: Iterable[dict[str, Any]], client: Any = None, max_tokens: int = 512,
-         temperature: float = 0.7, system: str | None = None) -> str:
+         temperature: float = 0.7, system: str | None = None, deployment: str | None = None) -> str:
     """One reply of a saved model to `messages`. `card_or_model_id`: a card (dict or path) or a model id.
     `system` replaces/adds the system message; otherwise the card's training system prompt is added
     when the messages have none. Local LoRA cards go to kokoro_helpers.generate.chat_local."""
@@ -1019,11 +1104,8 @@ def chat(card_or_model_id: Any, messages: Iterable[dict[str, Any]], client: Any 
                     "kokoro_helpers.generate is not in this checkout yet") from None
             raise
         return chat_local(card, msgs, max_tokens=max_tokens, temperature=temperature)
-    model = card.get("model_id")
-    if not model:
-        raise OpenAIFTError(f"this card has no model yet (job {card.get('job_id')} is {card.get('status')}): "
-                            "resume monitoring first")
-    client = make_client(client)
+    model = inference_model(card, deployment)
+    client = client_for_card(card, client)
     resp = client.chat.completions.create(model=model, messages=msgs, max_tokens=int(max_tokens),
                                           temperature=float(temperature))
     return resp.choices[0].message.content or ""
@@ -1046,21 +1128,134 @@ def finetune(run_dir: str | Path = "runs/default", openai_base_model: str = "gpt
              poll_seconds: float = 30.0, seed: int | None = 42, max_example_tokens: int | None = None,
              prices_file: str | Path | None = None, client: Any = None, progress: bool = True,
              counter: TokenCounter | None = None, new_job: bool = False, monitor_kwargs: dict | None = None,
-             log: Callable[[str], None] = print) -> FineTuneResult:
+             log: Callable[[str], None] = print, provider: str = "openai", azure_deployment: str | None = None,
+             submit_kwargs: dict | None = None) -> FineTuneResult:
     """Part A of 02_finetune in one call: pre-flight, mode, request written; when submitting: submit
     (or resume), monitor to the end, card. In dry run nothing touches a client or the network."""
-    pf = preflight(run_dir, openai_base_model, n_epochs, max_example_tokens, prices_file, counter)
-    mode = resolve_mode(openai_mode, client)
+    pf = preflight(run_dir, openai_base_model, n_epochs, max_example_tokens, prices_file, counter, provider=provider)
+    mode = resolve_mode(openai_mode, client, provider)
     req = write_job_request(pf, mode, batch_size, learning_rate_multiplier, suffix, seed,
                             max_training_cost_usd, prices_file=prices_file)
     result = FineTuneResult(mode=mode, preflight=pf, request=req)
     if mode != "submit":
-        log(describe_mode(mode, openai_mode))
+        log(describe_mode(mode, openai_mode, provider))
         if not req.guard_passes:
             log("dry run: " + req.guard_message())
         return result
-    client = make_client(client)
-    result.card_path = submit(req, client, new_job=new_job, log=log)
+    client = make_client(client, provider=provider)
+    result.card_path = submit(req, client, new_job=new_job, log=log, azure_deployment=azure_deployment,
+                              **(submit_kwargs or {}))
     result.card = monitor(result.card_path, client, poll_seconds=poll_seconds, progress=progress,
                           log=log, **(monitor_kwargs or {}))
     return result
+
+
+# --- Part A in the notebook: one message per failure, and Part B goes on --------------------------------
+
+OUTCOME_FILE = "outcome.json"
+
+
+def read_outcome(run_dir: str | Path) -> dict[str, Any] | None:
+    """Part A's last recorded outcome (run_dir/openai/outcome.json), or None."""
+    try:
+        return read_json(openai_dir(run_dir) / OUTCOME_FILE, None)
+    except ValueError:
+        return None
+
+
+class PartA:
+    """The notebook's Part A steps, each catching its failure: the one-line message is printed, the
+    details go to run_dir/openai/errors.jsonl, the outcome to run_dir/openai/outcome.json (the
+    report index shows it), and the notebook goes on — Part B, 03, 04 and 05 never stop because of
+    OpenAI. Ctrl-C still interrupts.
+
+        ft = openai_ft.PartA(run_dir, provider=openai_provider, azure_deployment=azure_deployment)
+        ft_mode = ft.resolve_mode(openai_mode)
+        ft_card_path = ft.submit(ft_request, new_job=openai_new_job)
+        ft_card = ft.monitor(poll_seconds=poll_seconds)
+    """
+
+    def __init__(self, run_dir: str | Path, provider: str = "openai", azure_deployment: str | None = None,
+                 client: Any = None, log: Callable[[str], None] = print):
+        self.run_dir = resolve(run_dir)
+        self.provider = check_provider(provider)
+        self.azure_deployment = azure_deployment or None
+        self.client = client
+        self.log = log
+        self.card_path: Path | None = None
+        self.card: dict[str, Any] | None = None
+        self.error: OpenAIFTError | None = None
+        self.mode = "dry_run"
+
+    @property
+    def stopped(self) -> bool:
+        return self.error is not None
+
+    def _outcome(self, status: str, stage: str, message: str, **extra: Any) -> None:
+        record = {"status": status, "stage": stage, "message": redact(message), "provider": self.provider,
+                  "mode": self.mode, "time": cards.now_iso(), **extra}
+        write_json_atomic(openai_dir(self.run_dir) / OUTCOME_FILE, record)
+
+    def _fail(self, exc: BaseException, stage: str, action: str) -> None:
+        err = explain(exc, self.provider, action)
+        self.error = err
+        if not getattr(err, "_recorded", False):
+            record_failure(self.run_dir, err, exc if err is not exc else (err.__cause__ or err), stage, self.provider)
+        self._outcome(getattr(err, "kind", "error"), stage, str(err),
+                      job_id=(self.card or {}).get("job_id"), card=str(self.card_path) if self.card_path else None)
+        self.log(f"Part A stopped ({stage}): {err}")
+        self.log("Details: run_dir/openai/errors.jsonl. Part B below does not depend on it.")
+
+    def _run(self, stage: str, action: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure becomes one message
+            self._fail(exc, stage, action)
+            return None
+
+    def resolve_mode(self, openai_mode: str = "auto") -> str:
+        """resolve_mode(); a missing key for openai_mode="submit" is reported and the run goes on as a dry run."""
+        mode = self._run("mode", "choosing the mode", lambda: resolve_mode(openai_mode, self.client, self.provider))
+        self.mode = mode or "dry_run"
+        self.log(describe_mode(self.mode, openai_mode, self.provider) if mode else "Continuing as a dry run.")
+        return self.mode
+
+    def submit(self, request: JobRequest, new_job: bool = False, lock_timeout_s: float | None = 120.0) -> Path | None:
+        """Upload once and create the job (or resume it); None when Part A stopped or in dry run."""
+        if self.stopped:
+            self.log(f"Part A stopped earlier: nothing submitted ({type(self.error).__name__}).")
+            return None
+        if request.mode != "submit":
+            self._outcome("dry_run", "submit", "dry run: the request and its estimate are in "
+                          "run_dir/openai/job_request.json; nothing was sent. " + request.guard_message())
+            self.log("Dry run: nothing uploaded, no job created.")
+            return None
+
+        def go() -> Path:
+            self.client = make_client(self.client, provider=self.provider)
+            return submit(request, self.client, new_job=new_job, log=self.log,
+                          azure_deployment=self.azure_deployment, lock_timeout_s=lock_timeout_s)
+        self.card_path = self._run("submit", "submitting the fine-tuning job", go)
+        if self.card_path:
+            self.card = cards.load_card(self.card_path)
+            self._outcome("submitted", "submit", f"job {self.card['job_id']} ({self.card['status']}) at "
+                          f"{SERVICE[self.provider]}", job_id=self.card["job_id"], card=str(self.card_path))
+        return self.card_path
+
+    def monitor(self, poll_seconds: float = 30.0, **kwargs: Any) -> dict[str, Any] | None:
+        """Follow the job to its end; the final card, or None (dry run, or Part A stopped)."""
+        if not self.card_path:
+            self.log("Dry run: no job to monitor." if not self.stopped else "Part A stopped earlier: no job to monitor.")
+            return None
+        card = self._run("monitor", "monitoring the fine-tuning job",
+                         lambda: monitor(self.card_path, self.client, poll_seconds=poll_seconds, log=self.log, **kwargs))
+        if card is not None:
+            self.card = card
+            status = card.get("status")
+            msg = (f"job {card['job_id']} {status}: model {card.get('model_id')}" if card.get("model_id")
+                   else f"job {card['job_id']} {status}")
+            self._outcome(status if status in TERMINAL else "running", "monitor", msg,
+                          job_id=card["job_id"], card=str(self.card_path), model_id=card.get("model_id"))
+        return card

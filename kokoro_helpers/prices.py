@@ -87,6 +87,24 @@ def validate_prices(raw: Any, origin: str = "prices") -> None:
                 raise PriceError(f"{where}.batch must map some of {BATCH_KEYS} to prices")
             for key, value in batch.items():
                 _number(value, f"{where}.batch.{key}")
+    az = raw.get("azure")
+    if az is not None:
+        for key in ("source", "as_of"):
+            _require(az, key, f"{origin}: azure")
+        az_models = _require(az, "models", f"{origin}: azure")
+        if not isinstance(az_models, dict) or not az_models:
+            raise PriceError(f"{origin}: azure.models must map base-model names to their prices")
+        for name, entry in az_models.items():
+            where = f"{origin}: azure.models.{name}"
+            if not isinstance(entry, dict):
+                raise PriceError(f"{where} must be a mapping of prices")
+            _number(_require(entry, "training", where), f"{where}.training")
+            for key in ("input", "cached_input", "output", "hosting_per_hour"):
+                if key in entry:
+                    _number(entry[key], f"{where}.{key}")
+            unknown = set(entry) - set(PRICE_KEYS) - {"hosting_per_hour", "note", "batch"}
+            if unknown:
+                raise PriceError(f"{where}: unknown keys {sorted(unknown)}")
     fx = _require(raw, "exchange_rate", origin)
     rate = _number(_require(fx, "jpy_per_usd", f"{origin}: exchange_rate"), f"{origin}: exchange_rate.jpy_per_usd")
     if rate <= 0:
@@ -179,6 +197,16 @@ class PriceTable:
     def training_price(self, model_id: str) -> float:
         """USD per 1M billed training tokens."""
         return float(self.entry(model_id)["training"])
+
+    def for_provider(self, provider: str = "openai") -> "PriceTable":
+        """The table as seen by `provider`: "openai" as is; "azure" with the `azure:` section's prices,
+        source and date in the place of OpenAI's (exchange rate, local prices and the rest shared)."""
+        if str(provider or "openai") == "openai":
+            return self
+        section = self.raw.get(str(provider))
+        if not isinstance(section, dict) or not section.get("models"):
+            raise PriceError(f"no `{provider}:` prices in {self.path or 'the price table'} (add them with source and date)")
+        return PriceTable(raw={**self.raw, "openai": section, "provider": str(provider)}, path=self.path)
 
     # --- currency and local ---
     @property

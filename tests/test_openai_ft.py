@@ -1,8 +1,8 @@
 """The OpenAI fine-tuning path end to end against a fake server: no network, ever.
 
-`FakeOpenAI` answers the endpoints the project uses with OpenAI-shaped JSON through an httpx2
-MockTransport (openai 3.x runs on httpx2). It keeps its state across clients, so a "kernel
-restart" is simply a new client (and a new monitor) talking to the same server.
+`FakeOpenAI` (tests/fake_openai.py) answers the endpoints the project uses with OpenAI-shaped JSON
+through an httpx2 MockTransport (openai 3.x runs on httpx2). It keeps its state across clients, so a
+"kernel restart" is simply a new client (and a new monitor) talking to the same server.
 """
 from __future__ import annotations
 
@@ -19,193 +19,10 @@ from kokoro_helpers import cards, openai_ft
 from kokoro_helpers.data import prepare_data
 from kokoro_helpers.tokens import estimate_counter
 
-BASE_URL = "https://fake-openai.test/v1"
+from fake_openai import BASE_URL, FakeOpenAI
+
 SECRET = "kokoro-TEST-key-9f8e7d6c5b4a-never-write-me"
 BASE_MODEL = "gpt-4o-mini-2024-07-18"
-
-
-class FakeOpenAI:
-    """A tiny stateful OpenAI: files, fine-tuning jobs (with events, checkpoints, result file), chat."""
-
-    def __init__(self, key: str | None = None, plan: tuple[str, ...] | None = None,
-                 fail_with: dict[str, Any] | None = None, total_steps: int = 6):
-        self.key = key
-        self.calls: list[tuple[str, str]] = []
-        self.bodies: list[tuple[str, str, Any]] = []
-        self.files: dict[str, bytes] = {}
-        self.jobs: dict[str, dict[str, Any]] = {}
-        self.events: dict[str, list[dict[str, Any]]] = {}
-        self.polls: dict[str, int] = {}
-        self.plan = plan or ("validating_files", "queued", "running", "running", "succeeded")
-        self.fail_with = fail_with
-        self.total_steps = total_steps
-        self.faults: list[dict[str, Any]] = []
-        self.n = 0
-        self.t = 1_760_000_000
-
-    # --- helpers ---
-    def client(self, max_retries: int = 2, with_key: bool = True) -> openai.OpenAI:
-        http = httpx2.Client(transport=httpx2.MockTransport(self.handler))
-        kwargs: dict[str, Any] = {"api_key": "test"} if with_key else {}
-        return openai.OpenAI(base_url=BASE_URL, http_client=http, max_retries=max_retries, **kwargs)
-
-    def fault(self, method: str, path_regex: str, status: int | str, times: int = 1, retry_ms: int | None = 1):
-        """Answer the next `times` matching requests with `status` (or "timeout")."""
-        self.faults.append({"method": method, "re": re.compile(path_regex), "status": status, "times": times,
-                            "retry_ms": retry_ms})
-
-    def count(self, method: str, path_regex: str) -> int:
-        return sum(1 for m, p in self.calls if m == method and re.fullmatch(path_regex, p))
-
-    def _id(self, prefix: str) -> str:
-        self.n += 1
-        return f"{prefix}-{self.n:04d}"
-
-    def _tick(self) -> int:
-        self.t += 7
-        return self.t
-
-    def _event(self, job_id: str, message: str, data: dict | None = None, level: str = "info") -> None:
-        self.events[job_id].append({"object": "fine_tuning.job.event", "id": self._id("ftevent"),
-                                    "created_at": self._tick(), "level": level, "message": message,
-                                    "data": data or {}, "type": "metrics" if data else "message"})
-
-    @staticmethod
-    def _json(status: int, body: Any, headers: dict | None = None) -> httpx2.Response:
-        return httpx2.Response(status, json=body, headers=headers or {})
-
-    @staticmethod
-    def _error(status: int, message: str, code: str | None = None) -> httpx2.Response:
-        return httpx2.Response(status, json={"error": {"message": message, "type": "invalid_request_error",
-                                                       "param": None, "code": code}})
-
-    # --- the server ---
-    def handler(self, request: httpx2.Request) -> httpx2.Response:
-        path = request.url.path.removeprefix("/v1")
-        method = request.method
-        self.calls.append((method, path))
-        if self.key is not None:
-            assert request.headers.get("authorization") == f"Bearer {self.key}"
-        for f in self.faults:
-            if f["times"] > 0 and f["method"] == method and f["re"].fullmatch(path):
-                f["times"] -= 1
-                if f["status"] == "timeout":
-                    raise httpx2.ReadTimeout("fake timeout", request=request)
-                headers = {"retry-after-ms": str(f["retry_ms"])} if f["retry_ms"] else {}
-                return httpx2.Response(f["status"], json={"error": {"message": f"fake {f['status']}",
-                                                                    "type": "server_error", "code": None}},
-                                       headers=headers)
-        if method == "POST" and path == "/files":
-            body = request.read()
-            fid = self._id("file")
-            content = body.split(b"\r\n\r\n", 2)[-1].rsplit(b"\r\n--", 1)[0]
-            self.files[fid] = content
-            self.bodies.append((method, path, len(content)))
-            return self._json(200, {"id": fid, "object": "file", "bytes": len(content), "created_at": self._tick(),
-                                    "filename": "train.jsonl", "purpose": "fine-tune", "status": "processed"})
-        m = re.fullmatch(r"/files/([^/]+)", path)
-        if m and method == "GET":
-            if m.group(1) not in self.files:
-                return self._error(404, f"No such File object: {m.group(1)}")
-            return self._json(200, {"id": m.group(1), "object": "file", "bytes": len(self.files[m.group(1)]),
-                                    "created_at": 1, "filename": "x.jsonl", "purpose": "fine-tune",
-                                    "status": "processed"})
-        m = re.fullmatch(r"/files/([^/]+)/content", path)
-        if m and method == "GET":
-            return httpx2.Response(200, content=self.files[m.group(1)])
-        if method == "POST" and path == "/fine_tuning/jobs":
-            body = json.loads(request.read())
-            self.bodies.append((method, path, body))
-            for key in ("training_file", "validation_file"):
-                if body.get(key) and body[key] not in self.files:
-                    return self._error(400, f"invalid {key}", "invalid_file")
-            jid = self._id("ftjob")
-            hp = body.get("method", {}).get("supervised", {}).get("hyperparameters", {})
-            job = {"object": "fine_tuning.job", "id": jid, "model": body["model"], "created_at": self._tick(),
-                   "finished_at": None, "fine_tuned_model": None, "organization_id": "org-fake",
-                   "result_files": [], "status": "validating_files", "validation_file": body.get("validation_file"),
-                   "training_file": body["training_file"], "hyperparameters": hp, "trained_tokens": None,
-                   "error": None, "seed": body.get("seed", 0), "metadata": body.get("metadata"),
-                   "method": body.get("method"), "suffix": body.get("suffix")}
-            self.jobs[jid] = job
-            self.events[jid] = []
-            self.polls[jid] = 0
-            self._event(jid, "Validating training file")
-            return self._json(200, job)
-        if method == "GET" and path == "/fine_tuning/jobs":
-            data = sorted(self.jobs.values(), key=lambda j: j["created_at"], reverse=True)
-            return self._json(200, {"object": "list", "data": data, "has_more": False})
-        m = re.fullmatch(r"/fine_tuning/jobs/([^/]+)", path)
-        if m and method == "GET":
-            return self._json(200, self._advance(m.group(1)))
-        m = re.fullmatch(r"/fine_tuning/jobs/([^/]+)/cancel", path)
-        if m and method == "POST":
-            job = self.jobs[m.group(1)]
-            job["status"] = "cancelled"
-            return self._json(200, job)
-        m = re.fullmatch(r"/fine_tuning/jobs/([^/]+)/events", path)
-        if m and method == "GET":
-            newest_first = list(reversed(self.events[m.group(1)]))
-            after = request.url.params.get("after")
-            if after:
-                ids = [e["id"] for e in newest_first]
-                newest_first = newest_first[ids.index(after) + 1:]
-            limit = int(request.url.params.get("limit", 20))
-            return self._json(200, {"object": "list", "data": newest_first[:limit],
-                                    "has_more": len(newest_first) > limit})
-        m = re.fullmatch(r"/fine_tuning/jobs/([^/]+)/checkpoints", path)
-        if m and method == "GET":
-            job = self.jobs[m.group(1)]
-            data = [{"object": "fine_tuning.job.checkpoint", "id": f"ftckpt-{s}", "created_at": self._tick(),
-                     "fine_tuned_model_checkpoint": f"{job['fine_tuned_model']}:ckpt-step-{s}",
-                     "fine_tuning_job_id": job["id"], "step_number": s,
-                     "metrics": {"step": s, "train_loss": 1.0 / s, "valid_loss": 1.1 / s}}
-                    for s in (self.total_steps, self.total_steps // 2)]
-            return self._json(200, {"object": "list", "data": data, "has_more": False})
-        if method == "POST" and path == "/chat/completions":
-            body = json.loads(request.read())
-            self.bodies.append((method, path, body))
-            return self._json(200, {"id": "chatcmpl-1", "object": "chat.completion", "created": 1,
-                                    "model": body["model"], "choices": [{"index": 0, "finish_reason": "stop",
-                                    "message": {"role": "assistant", "content": "お話を聞かせてください。"}}],
-                                    "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}})
-        return self._error(404, f"fake server: no route {method} {path}")
-
-    def _advance(self, jid: str) -> dict[str, Any]:
-        job = self.jobs[jid]
-        if job["status"] in ("succeeded", "failed", "cancelled"):
-            return job
-        i = self.polls[jid] = self.polls[jid] + 1
-        status = self.plan[min(i, len(self.plan) - 1)]
-        if status == "succeeded" and self.fail_with:
-            status = "failed"
-        if status != job["status"]:
-            self._event(jid, f"Job status: {status}")
-        if status == "running":
-            running_polls = sum(1 for s in self.plan[:i + 1] if s == "running")
-            per = self.total_steps // max(1, self.plan.count("running"))
-            for step in range((running_polls - 1) * per + 1, running_polls * per + 1):
-                self._event(jid, f"Step {step}/{self.total_steps}: training loss={2.0 / step:.3f}",
-                            {"step": step, "total_steps": self.total_steps, "train_loss": 2.0 / step,
-                             "valid_loss": 2.2 / step if step % 2 == 0 else None})
-        job["status"] = status
-        if status == "failed":
-            job["error"] = self.fail_with
-            job["finished_at"] = self._tick()
-            self._event(jid, f"Job failed: {self.fail_with['message']}", level="error")
-        if status == "succeeded":
-            rid = self._id("file")
-            rows = ["step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy"]
-            rows += [f"{s},{2.0 / s:.4f},0.5,{'' if s % 2 else f'{2.2 / s:.4f}'},{'' if s % 2 else 0.6}"
-                     for s in range(1, self.total_steps + 1)]
-            self.files[rid] = ("\n".join(rows) + "\n").encode()
-            job.update(fine_tuned_model=f"ft:{job['model']}:org-fake:{job.get('suffix') or 'x'}:{jid[-4:]}",
-                       trained_tokens=12_345, result_files=[rid], finished_at=self._tick(),
-                       hyperparameters={"n_epochs": 3, "batch_size": 1, "learning_rate_multiplier": 1.8})
-            job["method"] = {"type": "supervised", "supervised": {"hyperparameters": job["hyperparameters"]}}
-            self._event(jid, "New fine-tuned model created")
-            self._event(jid, "The job has successfully completed")
-        return job
 
 
 # --- fixtures ---------------------------------------------------------------------------------------
@@ -250,6 +67,7 @@ class Sleeps(list):
 
 def run_ft(run_dir: Path, client: Any, sleep=None, **kwargs: Any) -> openai_ft.FineTuneResult:
     kwargs.setdefault("openai_mode", "submit")
+    kwargs.setdefault("submit_kwargs", {"sleep": Sleeps()})
     return openai_ft.finetune(run_dir=str(run_dir), client=client, progress=False, counter=estimate_counter(),
                               poll_seconds=1, monitor_kwargs={"sleep": sleep if sleep is not None else Sleeps()},
                               log=lambda msg: None, **kwargs)
@@ -429,7 +247,7 @@ def test_cost_guard_refuses_with_the_numbers_before_any_request(run_dir, no_key)
     stats = json.loads((run_dir / "data" / "stats.json").read_text())
     billed = 10 * stats["tokens"]["train"]
     assert f"{billed:,} billed tokens" in msg and "10 epochs" in msg and "$0.01" in msg
-    assert f"${billed * 3 / 1e6:,.2f}" in msg and "max_training_cost_usd" in msg
+    assert openai_ft.fmt_usd(billed * 3 / 1e6) in msg and "max_training_cost_usd" in msg
     assert fake.calls == []
     record = json.loads((run_dir / "openai" / "job_request.json").read_text())
     assert record["cost_guard"]["passes"] is False and record["epochs"] == 10
