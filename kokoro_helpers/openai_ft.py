@@ -755,9 +755,11 @@ class JobMonitor:
                     raise
                 self.errors_in_a_row += 1
                 if self.errors_in_a_row > self.max_errors:
-                    raise OpenAIFTError(
-                        f"gave up after {self.max_errors} transient errors in a row ({type(exc).__name__}); "
-                        f"job {self.job_id} continues at OpenAI: re-run monitor() to resume") from exc
+                    provider = self.card.get("provider", "openai")
+                    why = explain(exc, provider, f"following job {self.job_id}")
+                    raise APIFailure(f"{why} (gave up after {self.max_errors} errors in a row; the job itself "
+                                     f"continues at {SERVICE.get(provider, 'OpenAI')}, and re-running resumes it)",
+                                     getattr(exc, "status_code", None), getattr(exc, "code", None)) from exc
                 delay = min(self.backoff[1], self.backoff[0] * 2 ** (self.errors_in_a_row - 1))
                 self.log(f"transient error ({type(exc).__name__}: {getattr(exc, 'status_code', '') or 'no status'}); "
                          f"retrying in {delay:.0f}s")
@@ -838,8 +840,16 @@ class JobMonitor:
             ids = list(dict.fromkeys(list(prev.get("last_event_ids") or []) + ids))
         self._save(monitor={**prev, "last_event_at": last_at, "last_event_ids": ids})
 
-    def run(self, timeout_s: float | None = None) -> dict[str, Any]:
-        """Poll until the job ends (or `timeout_s` passes: then return; re-run to resume)."""
+    def run(self, timeout_s: float | None = None, lock_timeout_s: float | None = 120.0) -> dict[str, Any]:
+        """Poll until the job ends (or `timeout_s` passes: then return; re-run to resume). One monitor
+        per job at a time: a second one waits for the job's lock up to `lock_timeout_s`, then stops
+        with a message (the job is not affected)."""
+        with RunLock(self.run_dir, lock_timeout_s, what=f"monitoring job {self.job_id} in",
+                     name=f".monitor-{self.job_id}.lock"):
+            self.card = cards.load_card(self.path)     # the other monitor may have moved it on
+            return self._run(timeout_s)
+
+    def _run(self, timeout_s: float | None = None) -> dict[str, Any]:
         if self.card.get("status") in TERMINAL and self.card.get("finalized"):
             self.log(f"job {self.job_id} already {self.card['status']} ({self.path})")
             if self.card["status"] == "failed":
@@ -959,7 +969,9 @@ def monitor(card_path: str | Path, client: Any, poll_seconds: float = 30.0, prog
     """Follow the card's job until it ends and return the final card (see JobMonitor). Safe to call
     again at any time: it resumes from the card. A failed job raises JobFailedError with OpenAI's
     error code and message."""
-    return JobMonitor(card_path, client, poll_seconds=poll_seconds, progress=progress, **kwargs).run(timeout_s)
+    lock_timeout_s = kwargs.pop("lock_timeout_s", 120.0)
+    return JobMonitor(card_path, client, poll_seconds=poll_seconds, progress=progress, **kwargs).run(
+        timeout_s, lock_timeout_s=lock_timeout_s)
 
 
 # --- metrics and the loss curve -------------------------------------------------------------------

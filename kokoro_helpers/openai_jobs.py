@@ -31,12 +31,12 @@ class RunLock:
     `timeout_s`, then stops with a message naming the holder."""
 
     def __init__(self, run_dir: str | Path, timeout_s: float | None = DEFAULT_LOCK_TIMEOUT_S,
-                 what: str = "submitting"):
+                 what: str = "submitting", name: str = LOCK_NAME):
         from filelock import FileLock
         self.folder = Path(run_dir) / "openai"
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.path = self.folder / LOCK_NAME
-        self.info = self.folder / (LOCK_NAME + ".holder")
+        self.path = self.folder / name
+        self.info = self.folder / (name + ".holder")
         self.timeout_s = 0 if timeout_s is None else max(0.0, float(timeout_s))
         self.what = what
         self._lock = FileLock(str(self.path), thread_local=False, is_singleton=False)

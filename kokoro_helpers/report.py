@@ -156,6 +156,10 @@ def key_figures(run_dir: Path) -> dict[str, str]:
         rows.append((f"OpenAI job request ({request.get('mode', '?')})",
                      f"{tag}: ${usd:,.4f} for {request.get('billed_tokens', 0):,} billed tokens, "
                      f"{request.get('epochs', '?')} epochs" if isinstance(usd, (int, float)) else "no estimate"))
+    outcome = _read_json(run_dir / "openai" / "outcome.json")   # Part A's outcome (openai_ft.PartA)
+    if outcome:
+        rows.append((f"Part A ({outcome.get('provider', 'openai')}): {outcome.get('status', '?')}",
+                     str(outcome.get("message", ""))))
     if rows:
         out["02"] = _table(rows)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from typing import Any, Callable
 
 import httpx2
@@ -67,7 +68,7 @@ class FakeOpenAI:
         self.faults: list[dict[str, Any]] = []
         self.on_create: Callable[[], None] | None = None     # called while a create request is in flight
         self.n = 0
-        self.t = 1_760_000_000
+        self.t = int(time.time())          # the server clock: now (lookups compare with the client clock)
         self.lock = threading.Lock()
 
     # --- clients ---
