@@ -6,7 +6,9 @@
     python -m kokoro_helpers.saved_models --model-file runs/default/models/x.json --input "..." --system "..."
 
 OpenAI models (kind "openai") are used through the API (OPENAI_API_KEY from the environment or
-.env); local LoRA models (kind "local_lora") through kokoro_helpers.generate. Bad use ends with
+.env); Azure OpenAI fine-tunes (card provider "azure") through their deployment (`--deployment NAME`
+or the card's azure_deployment; AZURE_OPENAI_ENDPOINT, AZURE_OPENAI_API_KEY, OPENAI_API_VERSION);
+local LoRA models (kind "local_lora") through kokoro_helpers.generate. Bad use ends with
 one line on stderr and a non-zero exit, never a traceback (KOKORO_DEBUG=1 shows it).
 
 From Python: `list_models(run_dir)`, `load_model(run_dir, model_id=... | latest=True | model_file=...)`,
@@ -126,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     how = p.add_mutually_exclusive_group()
     how.add_argument("--input", help="one message; prints the model's reply")
     how.add_argument("--interactive", action="store_true", help="chat with history; quit or exit ends")
+    p.add_argument("--deployment", help="Azure OpenAI: the deployment that serves the fine-tuned model "
+                                        "(default: the card's azure_deployment)")
     p.add_argument("--system", help="system prompt (default: the one the model was trained with, if recorded)")
     p.add_argument("--max-tokens", type=int, default=512, help="reply length limit (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default: %(default)s)")
@@ -133,11 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _client_for(card: dict[str, Any]):
-    """An OpenAI client for an OpenAI card (fails early, naming OPENAI_API_KEY); None for local cards."""
+    """The API client for an OpenAI / Azure card (fails early, naming the variables it needs); None for
+    local cards."""
     if card.get("kind") == "local_lora":
         return None
-    from .openai_ft import make_client
-    return make_client()
+    from .openai_ft import client_for_card
+    return client_for_card(card)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -158,8 +163,14 @@ def _run(args: argparse.Namespace) -> int:
     if args.max_tokens <= 0:
         raise _UsageError("--max-tokens must be positive")
     path, card = load_model(args.run_dir, args.model_id, args.use_latest, args.model_file)
+    args.provider_ = card.get("provider", "openai")
+    if card.get("kind") != "local_lora":
+        from .openai_ft import inference_model
+        inference_model(card, args.deployment)        # an Azure card without a deployment: say so first
     client = _client_for(card)
     opts = dict(client=client, max_tokens=args.max_tokens, temperature=args.temperature, system=args.system)
+    if args.deployment:
+        opts["deployment"] = args.deployment
     if args.input is not None:
         print(chat(card, [{"role": "user", "content": args.input}], **opts))
         return 0
@@ -199,21 +210,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # one line, never a traceback (KOKORO_DEBUG=1 shows it)
         if os.environ.get("KOKORO_DEBUG") == "1":
             raise
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        print(f"error: {_one_line(exc, getattr(args, 'provider_', None) or 'openai')}", file=sys.stderr)
         return EXIT_ERROR
 
 
-def _one_line(exc: BaseException) -> str:
+def _one_line(exc: BaseException, provider: str = "openai") -> str:
+    from .openai_errors import explain, redact
     from .openai_ft import OpenAIFTError
     try:
         import openai
-        if isinstance(exc, openai.APIStatusError):
-            return f"OpenAI API error {exc.status_code}: {exc.message}"
         if isinstance(exc, openai.APIError):
-            return f"OpenAI API error: {exc.message}"
+            return " ".join(str(explain(exc, provider, "using the model")).split())
     except ImportError:
         pass
-    text = " ".join(str(exc).split())
+    text = " ".join(redact(exc).split())
     if isinstance(exc, (CardError, OpenAIFTError, ValueError, OSError)):
         return text
     return f"{type(exc).__name__}: {text} (KOKORO_DEBUG=1 shows the traceback)"

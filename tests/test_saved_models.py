@@ -169,3 +169,41 @@ def test_input_and_interactive_use_the_model_with_history(tmp_path, capsys, monk
     out = capsys.readouterr().out
     assert "model> 返答1" in out and "model> 返答2" in out
     assert [m["role"] for m in seen[-1]["messages"]] == ["user", "assistant", "user"]
+
+
+AZURE_CARD = {**SEED_CARD, "kind": "openai", "provider": "azure", "model_id": "gpt-4o-mini-2024-07-18.ft-abc123",
+              "azure_deployment": None, "timestamp": "2026-11-22T00:00:00+00:00"}
+
+
+def test_an_azure_card_is_used_through_its_deployment(tmp_path, capsys, monkeypatch):
+    write_card(tmp_path, "azure-model", AZURE_CARD)
+    # without a deployment: one line saying Azure serves a fine-tune only once deployed, and how to name it
+    assert saved_models.main(["--use-latest", "--input", "x", "--run-dir", str(tmp_path)]) == 1
+    line = one_error_line(capsys)
+    assert "deployment" in line and "--deployment" in line
+    seen: list = []
+    monkeypatch.setattr(saved_models, "_client_for", lambda card: _fake_chat_client(seen))
+    assert saved_models.main(["--use-latest", "--input", "こんにちは", "--deployment", "kokoro-ft",
+                              "--run-dir", str(tmp_path)]) == 0
+    assert seen[-1]["model"] == "kokoro-ft"
+
+
+def test_a_wrong_key_is_one_line_naming_the_key_and_never_showing_it(tmp_path, capsys, monkeypatch):
+    secret = "sk-proj-WRONGkeyWRONGkey0123456789zyxw"
+    write_card(tmp_path, "seed-model", SEED_CARD)
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(401, json={"error": {
+            "message": f"Incorrect API key provided: {secret[:8]}{'*' * 20}{secret[-4:]}. You can find your API key "
+                       "at https://platform.openai.com/account/api-keys.",
+            "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}})
+
+    client = openai.OpenAI(api_key=secret, base_url="https://fake-openai.test/v1", max_retries=0,
+                           http_client=httpx2.Client(transport=httpx2.MockTransport(handler)))
+    monkeypatch.setattr(saved_models, "_client_for", lambda card: client)
+    monkeypatch.setenv("OPENAI_API_KEY", secret)
+    assert saved_models.main(["--use-latest", "--input", "x", "--run-dir", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert "401" in captured.err and "OPENAI_API_KEY" in captured.err and ".env" in captured.err
+    assert secret not in captured.err + captured.out and secret[-4:] not in captured.err
+    assert len(captured.err.strip().splitlines()) == 1 and "Traceback" not in captured.err
