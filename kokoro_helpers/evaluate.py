@@ -614,14 +614,15 @@ class LocalResponder:
         return f"LocalResponder(name={self.name!r}, base_only={self.base_only})"
 
 
-def default_client(max_retries: int = 5, timeout: float = 120.0, log: Log = print) -> Any | None:
-    """An OpenAI client when OPENAI_API_KEY is set (environment or .env), else None (and a note).
-    The key is read by the SDK from the environment; it is never a parameter."""
+def default_client(max_retries: int = 5, timeout: float = 120.0, log: Log = print,
+                   provider: str = "openai") -> Any | None:
+    """An OpenAI (or, provider="azure", Azure OpenAI) client when its key is set (environment or .env),
+    else None (and a note). The key is read by the SDK from the environment; it is never a parameter."""
     from . import openai_ft
-    if not openai_ft.has_api_key():
-        _say(log, f"{openai_ft.ENV_KEY} is not set (environment or .env): OpenAI models are skipped.")
+    if not openai_ft.has_api_key(provider):
+        _say(log, f"{openai_ft.KEY_ENV[provider]} is not set (environment or .env): {provider} models are skipped.")
         return None
-    return openai_ft.make_client(max_retries=max_retries, timeout=timeout)
+    return openai_ft.make_client(max_retries=max_retries, timeout=timeout, provider=provider)
 
 
 def endpoint_client(base_url: str, api_key_env: str | None = None, max_retries: int = 2,
@@ -666,7 +667,8 @@ def models_from_run(run_dir: str | Path = "runs/default", include_base: bool = T
     common = dict(temperature=temperature, seed=seed, progress=progress)
     cards_found = list_cards(run_dir)
     openai_client = client
-    if openai_client is None and any(c.get("kind") == "openai" for _, c in cards_found):
+    if openai_client is None and any(c.get("kind") == "openai" and c.get("provider", "openai") == "openai"
+                                     for _, c in cards_found):
         openai_client = default_client(log=log)
     for path, card in cards_found:
         kind = card.get("kind")
@@ -675,11 +677,18 @@ def models_from_run(run_dir: str | Path = "runs/default", include_base: bool = T
                 _say(log, f"skipped {path.name}: its job ({card.get('job_id')}) has no model yet "
                           f"(status {card.get('status')}); resume it in 02_finetune")
                 continue
-            if openai_client is None:
+            card_client, model = openai_client, card["model_id"]
+            if card.get("provider") == "azure":   # Azure serves a fine-tune only through its deployment
+                card_client, model = client or default_client(log=log, provider="azure"), card.get("azure_deployment")
+                if not model:
+                    _say(log, f"skipped {card['model_id']} ({path.name}): deploy it in Azure, then set "
+                              "azure_deployment in 02's parameters (see the card's usage_instructions)")
+                    continue
+            if card_client is None:
                 _say(log, f"skipped {card['model_id']} ({path.name}): no OpenAI client (set OPENAI_API_KEY)")
                 continue
-            add(OpenAIChatResponder(openai_client, card["model_id"], max_tokens=max_tokens,
-                                    concurrency=concurrency, log=log, **common))
+            add(OpenAIChatResponder(card_client, model, max_tokens=max_tokens, concurrency=concurrency, log=log,
+                                    **({"name": card["model_id"]} if model != card["model_id"] else {}), **common))
             if include_openai_base and card.get("base_model"):
                 add(OpenAIChatResponder(openai_client, card["base_model"], name=f"{card['base_model']} (base)",
                                         max_tokens=max_tokens, concurrency=concurrency, log=log, **common))

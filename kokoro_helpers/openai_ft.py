@@ -645,6 +645,9 @@ def _submit_locked(req: JobRequest, client: Any, new_job: bool, log: Callable[[s
         path, card = existing[0]
         status = card.get("status")
         if status not in ("failed", "cancelled"):
+            if provider == "azure" and azure_deployment and card.get("azure_deployment") != azure_deployment:
+                card = cards.update_card(path, azure_deployment=azure_deployment, usage_instructions=_usage(
+                    card.get("model_id"), card["job_id"], status, provider, azure_deployment))
             what = f"model {card['model_id']}" if card.get("model_id") else f"status {status}"
             log(f"Resuming job {card['job_id']} of this request ({what}) from {path} — no new job created.")
             return path

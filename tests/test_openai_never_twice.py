@@ -363,3 +363,17 @@ def test_amounts_keep_enough_digits():
     assert openai_ft.fmt_usd(0.5) == "$0.50"
     assert openai_ft.fmt_usd(1234.5) == "$1,234.50"
     assert openai_ft.fmt_usd(0) == "$0.00"
+
+
+def test_03_uses_an_azure_card_through_its_deployment(tmp_path, azure_env):
+    from kokoro_helpers import evaluate
+    card = cards.new_card("openai", "gpt-4o-mini-2024-07-18.ft-0001", "gpt-4o-mini-2024-07-18", {},
+                          provider="azure", azure_deployment=None, job_id="ftjob-1", status="succeeded")
+    path = cards.save_card(cards.card_path(tmp_path, "openai-kokoro-chat-ftjob-1"), card)
+    notes: list[str] = []
+    fake = FakeOpenAI(azure=True)
+    assert evaluate.models_from_run(tmp_path, client=fake.client(), log=notes.append) == []
+    assert any("azure_deployment" in n for n in notes)
+    cards.update_card(path, azure_deployment="kokoro-ft")
+    (responder,) = evaluate.models_from_run(tmp_path, client=fake.client(), log=notes.append)
+    assert responder.name == card["model_id"] and responder.model == "kokoro-ft"
