@@ -335,3 +335,62 @@ class FakeOpenAI:
         job["finished_at"] = self._tick()
         if status == "failed":
             job["error"] = {"code": code, "message": message, "param": "training_file"}
+
+
+# --- the fake over real HTTP (for notebooks run in their own kernel by papermill / `make report`) ---------
+
+def serve(fake: FakeOpenAI, host: str = "127.0.0.1"):
+    """Serve `fake` on a loopback port; returns (base_url for OPENAI_BASE_URL, stop()). A separate
+    process (a papermill kernel) then talks to it through the real SDK and real sockets."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def _any(self) -> None:
+            length = int(self.headers.get("content-length") or 0)
+            body = self.rfile.read(length) if length else b""
+            url = f"http://{host}:{self.server.server_address[1]}{self.path}"
+            request = httpx2.Request(self.command, url, headers=dict(self.headers.items()), content=body)
+            try:
+                response = fake.handler(request)
+            except httpx2.HTTPError:                       # a dropped connection: close without answering
+                self.close_connection = True
+                return
+            data = response.read()
+            self.send_response(response.status_code)
+            for k, v in response.headers.items():
+                if k.lower() not in ("content-length", "transfer-encoding", "connection"):
+                    self.send_header(k, v)
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST = do_DELETE = _any
+
+        def log_message(self, *args) -> None:  # quiet
+            pass
+
+    server = ThreadingHTTPServer((host, 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+
+    return f"http://{host}:{server.server_address[1]}/v1", stop
+
+
+if __name__ == "__main__":   # python tests/fake_openai.py --refuse : a fake to point OPENAI_BASE_URL at
+    import argparse
+    import signal
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--refuse", action="store_true", help="refuse job creation (the wind-down)")
+    ap.add_argument("--port-file", help="write the base URL here")
+    args = ap.parse_args()
+    url, stop = serve(FakeOpenAI(refuse_creation=args.refuse))
+    if args.port_file:
+        with open(args.port_file, "w") as f:
+            f.write(url)
+    print(url, flush=True)
+    signal.sigwait({signal.SIGTERM, signal.SIGINT})
+    stop()
