@@ -1,33 +1,40 @@
-"""OpenAI supervised fine-tuning: pre-flight, upload once, launch, monitor resumably, register.
+"""OpenAI (or Azure OpenAI) supervised fine-tuning: pre-flight, upload once, launch once, monitor
+resumably, register.
 
-The steps of 02_finetune's Part A, each a function the notebook calls in turn:
+The steps of 02_finetune's Part A, each a function the notebook calls in turn (through `PartA`,
+which turns any failure into one printed message and a recorded outcome, so Part B always runs):
 
-    pf   = preflight(run_dir, base_model, n_epochs, max_example_tokens)   # re-validate, count, price
-    mode = resolve_mode(openai_mode)                                       # "submit" | "dry_run"
+    pf   = preflight(run_dir, base_model, n_epochs, max_example_tokens, provider=...)  # re-validate, price
+    mode = resolve_mode(openai_mode, provider=...)                                    # "submit" | "dry_run"
     req  = write_job_request(pf, mode, batch_size=..., suffix=..., seed=..., max_training_cost_usd=...)
     if mode == "submit":
-        client = make_client()                  # the key comes from the environment / .env only
-        card_path = submit(req, client)         # cost guard, upload once, create — or resume
+        client = make_client(provider=...)      # the key comes from the environment / .env only
+        card_path = submit(req, client)         # lock, lookup, cost guard, upload once, create once
         card = monitor(card_path, client)       # progress, status, loss events; resumable
         plot_loss(card_path)
 
 `finetune(...)` runs them all. What this module guarantees:
 
-* **Never pay twice.** Files are uploaded once per content (sha256 -> file id in
-  `run_dir/openai/uploads.json`, written right after each upload). A job is created once per
-  request: its id goes into the model card the moment it exists; re-running finds the card (by
-  the request's fingerprint) and resumes that job. Between `jobs.create` and the card, a
-  `pending_job.json` plus the job's `metadata.kokoro_request` let a re-run adopt a job whose
-  creation answer was lost.
+* **Never pay twice.** Files are uploaded once per content (openai_uploads: recorded pending in
+  `run_dir/openai/uploads.json` before sending, reconciled against the file list after a lost
+  answer). A job is created once per request (openai_jobs): `jobs.create` runs with the client's
+  retries off; after a transient error the job is looked up by its metadata through every page of
+  the job list before any new try, and a failed lookup stops with the pending record kept. Its id
+  goes into the model card the moment it exists; re-running resumes it. A failed or cancelled job
+  is only replaced when asked (`new_job=True`, the notebook's `openai_new_job`). An OS file lock on
+  the run folder keeps a second run of 02 from submitting at the same time.
 * **Never lose a job.** Cards are written atomically; the monitor keeps its place in the card.
-* **Never leak the key.** It is read by the OpenAI SDK from `OPENAI_API_KEY` (environment or
-  `.env` via python-dotenv); it is never a parameter, never printed, never written.
+* **One message per failure** (openai_errors): what happened, what it means, what to do; the
+  details go to `run_dir/openai/errors.jsonl`.
+* **Never leak the key.** It is read by the SDK from `OPENAI_API_KEY` (Azure: AZURE_OPENAI_API_KEY,
+  with AZURE_OPENAI_ENDPOINT and OPENAI_API_VERSION; environment or `.env`); it is never a
+  parameter, never printed, never written (server messages are redacted).
 * **Say what it costs first.** The pre-flight estimate (labelled an estimate when it is one) is
   written to `run_dir/openai/job_request.json` in every mode; the cost guard refuses to create a
   job above `max_training_cost_usd`.
 
-Any OpenAI-compatible client can be injected (`AzureOpenAI`, a proxy, a test double): the
-code only calls `files`, `fine_tuning.jobs` and `chat.completions`.
+Any OpenAI-compatible client can be injected (a proxy, a test double): the code only calls
+`files`, `fine_tuning.jobs`, `chat.completions` and `with_options`.
 """
 from __future__ import annotations
 
