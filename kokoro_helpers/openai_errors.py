@@ -17,6 +17,7 @@ import json
 import os
 import re
 import traceback
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -160,19 +161,33 @@ def server_message(exc: BaseException) -> str:
     return redact(getattr(exc, "message", "") or exc)
 
 
+def _wind_down_date() -> date:
+    """The reported last day for new self-serve jobs, from params/prices.yaml (else the known date)."""
+    try:
+        from .prices import load_prices
+        return date.fromisoformat(str(load_prices().raw["service_window"]["no_new_jobs_after"]))
+    except Exception:  # noqa: BLE001 - a message must never fail
+        return date.fromisoformat(WIND_DOWN_DATE)
+
+
 def refused_message(provider: str = "openai", server_message: str | None = None, code: str | None = None) -> str:
     svc = SERVICE.get(provider, "OpenAI")
     said = f" ({code}: {redact(server_message)})" if server_message else ""
     text = f"{svc} refused to create the fine-tuning job{said}. "
     if provider == "openai":
-        text += (f"OpenAI has reportedly stopped new self-serve fine-tuning jobs after {WIND_DOWN_DATE} "
-                 "(params/prices.yaml service_window), so this is not an outage and retrying will not help. "
+        cutoff, today = _wind_down_date(), date.today()
+        when = (f"OpenAI has reportedly stopped new self-serve fine-tuning jobs after {cutoff}"
+                if today > cutoff else
+                f"OpenAI reportedly stops new self-serve fine-tuning jobs after {cutoff}, {(cutoff - today).days} "
+                "days from today, and may refuse some organizations or models earlier")
+        text += (f"{when} (reported: params/prices.yaml service_window), so this is not an outage and retrying "
+                 "will not help. "
                  "Azure OpenAI still fine-tunes gpt-4o-mini and gpt-4.1-mini with the same files: set "
                  "openai_provider: azure with AZURE_OPENAI_ENDPOINT, AZURE_OPENAI_API_KEY and OPENAI_API_VERSION "
-                 f"in the environment or .env. Or {LOCAL_HINT}.")
+                 f"in the environment or .env. Or use the local path: {LOCAL_HINT}.")
     else:
         text += ("The base model may not be fine-tunable in this resource's region or this API version: check the "
-                 f"model's fine-tuning regions and OPENAI_API_VERSION. Or {LOCAL_HINT}.")
+                 f"model's fine-tuning regions and OPENAI_API_VERSION. Or use the local path: {LOCAL_HINT}.")
     return text + " Nothing was created or billed."
 
 

@@ -627,7 +627,7 @@ def submit(req: JobRequest, client: Any, new_job: bool = False, log: Callable[[s
         raise OpenAIFTError("this request was written in dry-run mode: nothing is submitted "
                             f"(set openai_mode='submit' or 'auto' with {KEY_ENV[req.preflight.provider]} set)")
     provider = req.preflight.provider
-    with RunLock(req.run_dir, lock_timeout_s, what="submitting a fine-tuning job in"):
+    with RunLock(req.run_dir, lock_timeout_s, what="submitting a fine-tuning job"):
         try:
             return _submit_locked(req, client, new_job, log, provider, azure_deployment, sleep)
         except OpenAIFTError as err:
@@ -854,7 +854,7 @@ class JobMonitor:
         """Poll until the job ends (or `timeout_s` passes: then return; re-run to resume). One monitor
         per job at a time: a second one waits for the job's lock up to `lock_timeout_s`, then stops
         with a message (the job is not affected)."""
-        with RunLock(self.run_dir, lock_timeout_s, what=f"monitoring job {self.job_id} in",
+        with RunLock(self.run_dir, lock_timeout_s, what=f"monitoring job {self.job_id}",
                      name=f".monitor-{self.job_id}.lock"):
             self.card = cards.load_card(self.path)     # the other monitor may have moved it on
             return self._run(timeout_s)

@@ -52,11 +52,11 @@ class RunLock:
             except OSError:
                 pass
             raise RunLockedError(
-                f"another run of 02 is {holder or 'using'} this run folder ({self.folder.parent}) and still held "
-                f"its lock after {self.timeout_s:.0f}s: let it finish (or stop it), then run this cell again — "
+                f"another run of 02 ({holder or 'holder unknown'}) still held the lock of this run folder "
+                f"({self.folder.parent}) after {self.timeout_s:.0f}s: let it finish (or stop it), then run this cell again — "
                 "it resumes that run's job instead of creating a second one. Or give this run its own run_dir.") \
                 from None
-        self.info.write_text(f"{self.what} (pid {os.getpid()}, since {time.strftime('%Y-%m-%dT%H:%M:%S')})",
+        self.info.write_text(f"{self.what}, pid {os.getpid()}, since {time.strftime('%Y-%m-%dT%H:%M:%S')}",
                              encoding="utf-8")
         return self
 
