@@ -377,3 +377,25 @@ def test_03_uses_an_azure_card_through_its_deployment(tmp_path, azure_env):
     cards.update_card(path, azure_deployment="kokoro-ft")
     (responder,) = evaluate.models_from_run(tmp_path, client=fake.client(), log=notes.append)
     assert responder.name == card["model_id"] and responder.model == "kokoro-ft"
+
+
+def test_azure_prices_have_a_source_a_date_and_are_validated():
+    import copy
+
+    from kokoro_helpers.prices import PriceError, load_prices, validate_prices
+    table = load_prices()
+    az = table.for_provider("azure")
+    assert az.source.startswith("Azure OpenAI pricing page") and az.as_of == "2026-11"
+    assert az.entry("gpt-4o-mini-2024-07-18")["training"] == 3.30
+    assert az.entry("gpt-4o-mini-2024-07-18")["hosting_per_hour"] == 1.70
+    assert table.for_provider("openai") is table and table.entry("gpt-4o-mini-2024-07-18")["training"] == 3.00
+    assert az.jpy_per_usd == table.jpy_per_usd
+    bad = copy.deepcopy(table.raw)
+    bad["azure"]["models"]["gpt-4o-mini-2024-07-18"]["training"] = "cheap"
+    with pytest.raises(PriceError, match="azure.models.gpt-4o-mini-2024-07-18.training"):
+        validate_prices(bad)
+    del bad["azure"]
+    validate_prices(bad)                                   # the section is optional
+    from kokoro_helpers.prices import PriceTable
+    with pytest.raises(PriceError, match="no `azure:` prices"):
+        PriceTable(raw=bad).for_provider("azure")

@@ -55,3 +55,37 @@ def test_a_refused_part_a_never_stops_part_b(tmp_path, refused_server, monkeypat
     # the last cell (Part B's) ran
     last = [c for c in nb["cells"] if c["cell_type"] == "code"][-1]
     assert last.get("execution_count") is not None
+
+
+def test_the_same_cells_fine_tune_on_azure(tmp_path, monkeypatch):
+    papermill = pytest.importorskip("papermill")
+    from fake_openai import AZURE_API_VERSION
+    azure_key = "azure-KOKORO-notebook-key-77777777"
+    fake = FakeOpenAI(azure=True, key=azure_key)
+    url, stop = serve(fake)
+    try:
+        run_dir = tmp_path / "run"
+        monkeypatch.setenv("KOKORO_TIKTOKEN_OFFLINE", "1")
+        monkeypatch.delenv("KOKORO_OPENAI_DRY_RUN", raising=False)
+        from kokoro_helpers.data import prepare_data
+        from kokoro_helpers.tokens import estimate_counter
+        prepare_data(run_dir=str(run_dir), progress=False, token_counter=estimate_counter())
+        monkeypatch.setenv("OPENAI_API_KEY", "")
+        monkeypatch.setenv("AZURE_OPENAI_ENDPOINT", url.removesuffix("/v1"))
+        monkeypatch.setenv("AZURE_OPENAI_API_KEY", azure_key)
+        monkeypatch.setenv("OPENAI_API_VERSION", AZURE_API_VERSION)
+        monkeypatch.setenv("PYTHONPATH", str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        out = tmp_path / "02.ipynb"
+        papermill.execute_notebook(str(ROOT / "notebooks" / "02_finetune.ipynb"), str(out),
+                                   cwd=str(ROOT / "notebooks"), kernel_name="python3", progress_bar=False,
+                                   parameters={"run_dir": str(run_dir), "local_mode": "off", "poll_seconds": 0,
+                                               "openai_provider": "azure", "azure_deployment": "kokoro-ft"})
+    finally:
+        stop()
+    nb_text = out.read_text(encoding="utf-8")
+    assert fake.count("POST", "/fine_tuning/jobs") == 1 and fake.count("POST", "/files") == 2
+    (card_file,) = (run_dir / "models").glob("openai-*.json")
+    card = json.loads(card_file.read_text(encoding="utf-8"))
+    assert card["provider"] == "azure" and card["status"] == "succeeded" and card["azure_deployment"] == "kokoro-ft"
+    assert json.loads((run_dir / "openai" / "outcome.json").read_text())["status"] == "succeeded"
+    assert "Azure OpenAI" in nb_text and "Traceback" not in nb_text and azure_key not in nb_text
