@@ -679,6 +679,11 @@ def _submit_locked(req: JobRequest, client: Any, new_job: bool, log: Callable[[s
                 return path
         else:
             log("an earlier run's job creation left no job at the service; creating it now")
+    elif pending:   # another request's attempt: kept aside (its job, if any, is not this request's)
+        aside = pending_path.with_name(f"pending_job.{str(pending.get('request_fingerprint', 'x'))[:12]}.json")
+        os.replace(pending_path, aside)
+        log(f"an earlier, different request left {pending_path.name}; kept as {aside.name} "
+            "(check the job list for its job before paying for it again)")
     if not req.guard_passes:
         raise CostGuardError(req.guard_message())
     log(req.guard_message())

@@ -149,6 +149,8 @@ def create_job_once(client: Any, body: dict[str, Any], pending: dict[str, Any], 
             if attempt < attempts:
                 sleep(backoff * 2 ** (attempt - 1))
     err = explain(last, provider, "creating the fine-tuning job") if last else None
+    if getattr(last, "status_code", None) == 429:
+        raise err from last                                  # rate-limited each time: nothing was created
     raise LookupFailedError(f"{err} (jobs.create got no answer {attempts} times; each time the job list showed "
                             "no such job). run_dir/openai/pending_job.json is kept: the next run checks again "
                             "before creating.") from last

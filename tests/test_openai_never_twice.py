@@ -399,3 +399,22 @@ def test_azure_prices_have_a_source_a_date_and_are_validated():
     from kokoro_helpers.prices import PriceTable
     with pytest.raises(PriceError, match="no `azure:` prices"):
         PriceTable(raw=bad).for_provider("azure")
+
+
+def test_create_rate_limited_every_time_is_one_message_and_no_job(run_dir, no_key):
+    fake = FakeOpenAI()
+    fake.fault("POST", JOBS, 429, times=100)
+    with pytest.raises(openai_ft.APIFailure) as info:
+        run_ft(run_dir, fake.client(max_retries=3))
+    short(str(info.value))
+    assert "429" in str(info.value) and "nothing is created twice" in str(info.value)
+    assert fake.count("POST", JOBS) == 3 and not fake.jobs          # our 3 tries, none by the SDK
+
+
+def test_a_pending_record_of_another_request_is_kept_aside(run_dir, no_key):
+    fake = FakeOpenAI()
+    (run_dir / "openai").mkdir(parents=True)
+    pending(run_dir).write_text(json.dumps({"request_fingerprint": "f" * 64, "attempt": "abc"}))
+    run_ft(run_dir, fake.client())
+    assert (run_dir / "openai" / f"pending_job.{'f' * 12}.json").exists() and not pending(run_dir).exists()
+    assert fake.count("POST", JOBS) == 1
