@@ -215,7 +215,8 @@ def explain(exc: BaseException, provider: str = "openai", action: str = "talking
     server = redact(body.get("message") if isinstance(body, dict) and body.get("message")
                     else getattr(exc, "message", "") or "")
     tail = f" {DRY_RUN_HINT}; {LOCAL_HINT}."
-    if openai is not None and isinstance(exc, (openai.OpenAIError, ValueError)) and any(
+    if openai is not None and isinstance(exc, (openai.OpenAIError, ValueError)) \
+            and not isinstance(exc, openai.APIError) and any(
             w in str(exc) for w in ("credentials", "api_key", "AZURE_OPENAI_ENDPOINT", "OPENAI_API_VERSION")):
         return MissingKeyError(f"no key for {svc} while {action}: set {_key_where(provider)}.{tail}")
     if status == 401:
