@@ -418,3 +418,27 @@ def test_a_pending_record_of_another_request_is_kept_aside(run_dir, no_key):
     run_ft(run_dir, fake.client())
     assert (run_dir / "openai" / f"pending_job.{'f' * 12}.json").exists() and not pending(run_dir).exists()
     assert fake.count("POST", JOBS) == 1
+
+
+def test_the_lock_holds_across_processes(run_dir, no_key):
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom kokoro_helpers.openai_jobs import RunLock\n"
+         "with RunLock(sys.argv[1], what='submitting'):\n    print('held', flush=True)\n    time.sleep(30)\n",
+         str(run_dir)], stdout=subprocess.PIPE, text=True, cwd=root,
+        env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        fake = FakeOpenAI()
+        pf = openai_ft.preflight(run_dir, counter=estimate_counter())
+        req = openai_ft.write_job_request(pf, "submit", max_training_cost_usd=5)
+        with pytest.raises(openai_ft.RunLockedError, match=f"pid {holder.pid}"):
+            openai_ft.submit(req, fake.client(), log=lambda m: None, lock_timeout_s=0.3)
+        assert fake.calls == []
+    finally:
+        holder.kill()
+        holder.wait()
+    path = openai_ft.submit(req, fake.client(), log=lambda m: None, lock_timeout_s=5)   # released with the process
+    assert path.is_file() and fake.count("POST", JOBS) == 1
