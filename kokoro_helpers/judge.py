@@ -164,7 +164,7 @@ class _Judge:
 
     def __init__(self, client: Any, judge_model: str, run_dir: str | Path | None, concurrency: int,
                  max_tokens: int, temperature: float, json_mode: bool, retries: int,
-                 sleep: Callable[[float], None], progress: bool, log: Log):
+                 sleep: Callable[[float], None], progress: bool, log: Log, system: str | None = None):
         if client is None:
             raise EvalError("the LLM judge needs a client: set OPENAI_API_KEY (see default_client()) "
                             "or pass client=; without one skip the judge")
@@ -178,26 +178,37 @@ class _Judge:
         self.cache = (JsonlCache(eval_dir(run_dir) / "judge" / "cache.jsonl", ("judge_model", "prompt_sha"))
                       if run_dir is not None else None)
         self.log = log
+        self.system = system or JUDGE_SYSTEM
+        self.errors: dict[int, str] = {}       # prompt index -> why its request failed (last ask)
 
     def ask(self, prompts: Sequence[str], desc: str) -> list[str]:
-        """The judge's answer to each prompt, from the cache where possible."""
+        """The judge's answer to each prompt, from the cache where possible. A request that still
+        fails after the retries (endpoint down, HTTP error) does not stop the others: its answer is
+        "" and the reason is in `self.errors[index]`; it is not cached, so a re-run asks again."""
+        self.errors = {}
         have = self.cache.load() if self.cache is not None else {}
-        shas = [_sha1([self.responder.settings, self.json_mode, JUDGE_SYSTEM, p]) for p in prompts]
+        shas = [_sha1([self.responder.settings, self.json_mode, self.system, p]) for p in prompts]
         answers: list[str | None] = [have.get((self.judge_model, s), {}).get("answer") for s in shas]
         todo = [i for i, a in enumerate(answers) if a is None]
         _say(self.log, f"judge {self.judge_model} ({desc}): {len(prompts) - len(todo)} cached, {len(todo)} to ask")
         client = self.responder._client()
 
         def one(i: int) -> str:
-            kwargs = self.responder.request([{"role": "system", "content": JUDGE_SYSTEM},
+            kwargs = self.responder.request([{"role": "system", "content": self.system},
                                              {"role": "user", "content": prompts[i]}])
             if self.json_mode:
                 kwargs["response_format"] = {"type": "json_object"}
-            resp = self.responder.retry.call(lambda: client.chat.completions.create(**kwargs))
-            return _completion_text(resp)
+            try:
+                resp = self.responder.retry.call(lambda: client.chat.completions.create(**kwargs))
+                return _completion_text(resp)
+            except Exception as exc:  # noqa: BLE001 - one failed request is reported per item, never a crash
+                return _RequestFailed(f"{type(exc).__name__}: {str(exc)[:300]}")
 
         def store(k: int, text: str) -> None:
             i = todo[k]
+            if isinstance(text, _RequestFailed):
+                self.errors[i] = text.reason
+                return
             answers[i] = text
             if self.cache is not None:
                 self.cache.append({"judge_model": self.judge_model, "prompt_sha": shas[i], "answer": text,
@@ -205,7 +216,21 @@ class _Judge:
 
         run_concurrently(one, todo, self.responder.concurrency, store, self.responder.progress,
                          desc=f"judge {desc}")
+        if self.errors:
+            first = next(iter(self.errors.values()))
+            _say(self.log, f"judge {self.judge_model} ({desc}): {len(self.errors)} of {len(todo)} request(s) "
+                           f"FAILED after retries (first: {first}); they are reported per item and asked "
+                           f"again on the next run")
         return [a or "" for a in answers]
+
+
+class _RequestFailed(str):
+    """A judge request that failed after its retries (kept apart from a real answer)."""
+
+    def __new__(cls, reason: str):
+        obj = super().__new__(cls, "")
+        obj.reason = reason
+        return obj
 
 
 def _judge_inputs(generations: Any, items: Sequence[Item]) -> tuple[dict[str, Item], dict[tuple[str, str], str]]:
@@ -237,8 +262,10 @@ def judge_scores(generations: Any, items: Sequence[Item], client: Any, judge_mod
     prompts = [rubric_prompt(by_id[i], replies[(m, i)], crit, show_reference) for m, i in keys]
     answers = judge.ask(prompts, "rubric")
     rows = []
-    for (model, item_id), answer in zip(keys, answers):
+    for k, ((model, item_id), answer) in enumerate(zip(keys, answers)):
         scores, error = parse_rubric(answer, crit)
+        if k in judge.errors:
+            error = f"request failed: {judge.errors[k]}"
         for c, s in scores.items():
             rows.append({"item_id": item_id, "split": by_id[item_id]["split"], "model": model, "criterion": c,
                          "score": float("nan") if s is None else s, "parse_error": error})
@@ -249,6 +276,9 @@ def summarize_judge_scores(scores: Any):
     """Mean judge score per model × criterion (rows: models; columns: criteria), plus n_scored."""
     table = scores.pivot_table(index="model", columns="criterion", values="score", aggfunc="mean", sort=False)
     table["n_scored"] = scores.dropna(subset=["score"]).groupby("model", sort=False)["item_id"].nunique()
+    failed = scores[scores["parse_error"].fillna("").str.startswith("request failed")]
+    table["n_request_failed"] = failed.groupby("model", sort=False)["item_id"].nunique()
+    table["n_request_failed"] = table["n_request_failed"].fillna(0).astype(int)
     return table
 
 
@@ -300,9 +330,12 @@ def judge_pairwise(generations: Any, items: Sequence[Item], client: Any, judge_m
     rows = []
     for k, (a, b, item_id) in enumerate(jobs):
         v1, v2 = parse_verdict(answers[2 * k]), parse_verdict(answers[2 * k + 1])
+        failed = [judge.errors[j] for j in (2 * k, 2 * k + 1) if j in judge.errors]
         rows.append({"item_id": item_id, "split": by_id[item_id]["split"], "model_a": a, "model_b": b,
-                     "verdict_ab": v1, "verdict_ba": v2, "outcome": combine_verdicts(v1, v2, a, b)})
-    return pd.DataFrame(rows, columns=["item_id", "split", "model_a", "model_b", "verdict_ab", "verdict_ba", "outcome"])
+                     "verdict_ab": v1, "verdict_ba": v2, "outcome": combine_verdicts(v1, v2, a, b),
+                     "request_error": failed[0] if failed else None})
+    return pd.DataFrame(rows, columns=["item_id", "split", "model_a", "model_b", "verdict_ab", "verdict_ba", "outcome",
+                                       "request_error"])
 
 
 def summarize_pairwise(comparisons: Any):
