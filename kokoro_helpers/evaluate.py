@@ -876,6 +876,26 @@ def generate_all(items: Sequence[Item], responders: Sequence[Any], run_dir: str 
     return frame
 
 
+def generation_overview(generations: Any, run_dir: str | Path = "runs/default", log: Log = print):
+    """Replies per model (and how many came from the cache), or None — after saying plainly why —
+    when no model replied: no card in run_dir/models (02 trained or submitted nothing), or cards
+    that could not be evaluated (the notes above name the reason for each)."""
+    if generations is not None and len(generations):
+        return generations.groupby("model").agg(replies=("item_id", "count"), from_cache=("cached", "sum"))
+    from .cards import list_cards
+    cards = list_cards(run_dir)
+    if not cards:
+        why = (f"no model card in {resolve(run_dir) / 'models'}: 02_finetune trained or submitted nothing "
+               f"(local_mode auto trains a Hub-size model only on a GPU; OpenAI stays in dry run without "
+               f"OPENAI_API_KEY), and no endpoints were given")
+    else:
+        why = (f"{len(cards)} model card(s) in {resolve(run_dir) / 'models'}, but none could be evaluated "
+               f"(the notes above say why for each)")
+    _say(log, f"No model replied: {why}. Skipped: automatic metrics, the judge of replies, human scoring and "
+              f"paired comparisons. Still run: judge validity and score prediction (whole sessions).")
+    return None
+
+
 def load_generations(run_dir: str | Path):
     """run_dir/eval/generations.jsonl as a DataFrame."""
     import pandas as pd

@@ -210,12 +210,19 @@ class _Judge:
                 self.errors[i] = text.reason
                 return
             answers[i] = text
-            if self.cache is not None:
+            if self.cache is not None and extract_json(text) is not None:   # prose is asked again next run
                 self.cache.append({"judge_model": self.judge_model, "prompt_sha": shas[i], "answer": text,
                                    "time": now_iso()})
 
         run_concurrently(one, todo, self.responder.concurrency, store, self.responder.progress,
                          desc=f"judge {desc}")
+        prose = [i for i in todo if i not in self.errors and extract_json(answers[i] or "") is None]
+        if prose:                 # an answer without JSON: asked once more now (and again on a re-run)
+            _say(self.log, f"judge {self.judge_model} ({desc}): {len(prose)} answer(s) without JSON; asking once more")
+            first_round, todo = todo, prose
+            run_concurrently(one, prose, self.responder.concurrency, store, self.responder.progress,
+                             desc=f"judge {desc} (again)")
+            todo = first_round
         if self.errors:
             first = next(iter(self.errors.values()))
             _say(self.log, f"judge {self.judge_model} ({desc}): {len(self.errors)} of {len(todo)} request(s) "

@@ -147,6 +147,31 @@ def verdict_sentence(report: Mapping[str, Mapping[str, Mapping[str, Any]]], spli
             + (" — too few sessions to read much into it." if r["n"] < 30 else "."))
 
 
+def rate_generations(predictor: ScorePredictor, generations: Any, items: Sequence[Mapping[str, Any]],
+                     target: str = "score"):
+    """The predicted client rating (`target`) of each model's sessions-so-far: the item's dialogue
+    with the model's reply as the next counselor line. Mean, sd and n per model — an indicator
+    from a text regressor, not a client's rating."""
+    import pandas as pd
+    from .evaluate import _generation_rows
+    from .sessions import messages_to_lines, session_text
+    by_id = {it["item_id"]: it for it in items}
+    rows, texts = [], []
+    for g in _generation_rows(generations):
+        it = by_id.get(g.get("item_id"))
+        if it is None:
+            continue
+        reply = g.get("response") if isinstance(g.get("response"), str) else ""
+        texts.append(session_text(messages_to_lines(it["context"]) + [("assistant", reply)]))
+        rows.append({"model": g["model"], "item_id": it["item_id"]})
+    if not rows:
+        return pd.DataFrame(columns=["mean", "sd", "n"])
+    frame = pd.DataFrame(rows)
+    frame[f"predicted_{target}"] = predictor.predict(texts)[target]
+    return frame.groupby("model", sort=False)[f"predicted_{target}"].agg(["mean", "std", "count"]).rename(
+        columns={"std": "sd", "count": "n"})
+
+
 def prediction_path(run_dir: str | Path) -> Path:
     return resolve(run_dir) / "eval" / "score_prediction.json"
 
