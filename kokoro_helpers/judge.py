@@ -164,7 +164,8 @@ class _Judge:
 
     def __init__(self, client: Any, judge_model: str, run_dir: str | Path | None, concurrency: int,
                  max_tokens: int, temperature: float, json_mode: bool, retries: int,
-                 sleep: Callable[[float], None], progress: bool, log: Log, system: str | None = None):
+                 sleep: Callable[[float], None], progress: bool, log: Log, system: str | None = None,
+                 batch: Any = None):
         if client is None:
             raise EvalError("the LLM judge needs a client: set OPENAI_API_KEY (see default_client()) "
                             "or pass client=; without one skip the judge")
@@ -179,6 +180,7 @@ class _Judge:
                       if run_dir is not None else None)
         self.log = log
         self.system = system or JUDGE_SYSTEM
+        self.batch = batch                     # a batch_api.BatchRunner: OpenAI's Batch API instead of one call each
         self.errors: dict[int, str] = {}       # prompt index -> why its request failed (last ask)
 
     def ask(self, prompts: Sequence[str], desc: str) -> list[str]:
@@ -193,11 +195,18 @@ class _Judge:
         _say(self.log, f"judge {self.judge_model} ({desc}): {len(prompts) - len(todo)} cached, {len(todo)} to ask")
         client = self.responder._client()
 
-        def one(i: int) -> str:
+        def body(i: int) -> dict[str, Any]:
             kwargs = self.responder.request([{"role": "system", "content": self.system},
                                              {"role": "user", "content": prompts[i]}])
             if self.json_mode:
                 kwargs["response_format"] = {"type": "json_object"}
+            return kwargs
+
+        if self.batch is not None and todo:
+            return self._ask_batch(todo, shas, answers, body)
+
+        def one(i: int) -> str:
+            kwargs = body(i)
             try:
                 resp = self.responder.retry.call(lambda: client.chat.completions.create(**kwargs))
                 return _completion_text(resp)
@@ -231,6 +240,40 @@ class _Judge:
         return [a or "" for a in answers]
 
 
+    def _ask_batch(self, todo: list[int], shas: list[str], answers: list[str | None],
+                   body: Callable[[int], dict[str, Any]]) -> list[str]:
+        """The missing answers through OpenAI's Batch API (custom_id = the prompt's sha): cached as
+        they come back; failed requests are reported per item like any other."""
+        from .batch_api import BatchError
+        bodies: dict[str, dict[str, Any]] = {}
+        for i in todo:
+            b = body(i)
+            b.update(b.pop("extra_body", None) or {})
+            bodies.setdefault(shas[i], b)
+
+        def keep(results: Mapping[str, Any]) -> None:
+            for i in todo:
+                r = results.get(shas[i])
+                if r is None or r.text is None:
+                    self.errors[i] = (r.error if r is not None else None) or "no result in the batch"
+                    continue
+                self.errors.pop(i, None)
+                answers[i] = r.text
+                if self.cache is not None and extract_json(r.text) is not None:
+                    self.cache.append({"judge_model": self.judge_model, "prompt_sha": shas[i], "answer": r.text,
+                                       "time": now_iso(), "via": "batch"})
+
+        try:
+            keep(self.batch.run(bodies))
+        except BatchError as exc:
+            keep(exc.partial)                  # what the batch did return is kept (cached) first
+            raise
+        if self.errors:
+            _say(self.log, f"judge {self.judge_model} (batch): {len(self.errors)} of {len(todo)} request(s) failed; "
+                           f"reported per item, asked again on the next run")
+        return [a or "" for a in answers]
+
+
 class _RequestFailed(str):
     """A judge request that failed after its retries (kept apart from a real answer)."""
 
@@ -251,7 +294,8 @@ def judge_scores(generations: Any, items: Sequence[Item], client: Any, judge_mod
                  criteria: str | Sequence[str] | Mapping[str, str] | None = None, run_dir: str | Path | None = None,
                  show_reference: bool = False, concurrency: int = 4, max_tokens: int = 400,
                  temperature: float = 0.0, json_mode: bool = True, retries: int = 4,
-                 sleep: Callable[[float], None] = time.sleep, progress: bool = True, log: Log = print):
+                 sleep: Callable[[float], None] = time.sleep, progress: bool = True, log: Log = print,
+                 batch: Any = None):
     """Rubric scores (0..5 per criterion) from an LLM judge for every (model, item) reply.
 
     The judge sees the dialogue and one reply, never the model's name. Answers are parsed
@@ -263,7 +307,7 @@ def judge_scores(generations: Any, items: Sequence[Item], client: Any, judge_mod
     import pandas as pd
     crit = judge_criteria(criteria)
     judge = _Judge(client, judge_model, run_dir, concurrency, max_tokens, temperature, json_mode, retries,
-                   sleep, progress, log)
+                   sleep, progress, log, batch=batch)
     by_id, replies = _judge_inputs(generations, items)
     keys = list(replies)
     prompts = [rubric_prompt(by_id[i], replies[(m, i)], crit, show_reference) for m, i in keys]
@@ -307,7 +351,8 @@ def judge_pairwise(generations: Any, items: Sequence[Item], client: Any, judge_m
                    criteria: str | Sequence[str] | Mapping[str, str] | None = None,
                    run_dir: str | Path | None = None, concurrency: int = 4, max_tokens: int = 300,
                    temperature: float = 0.0, json_mode: bool = True, retries: int = 4,
-                   sleep: Callable[[float], None] = time.sleep, progress: bool = True, log: Log = print):
+                   sleep: Callable[[float], None] = time.sleep, progress: bool = True, log: Log = print,
+                   batch: Any = None):
     """Pairwise comparisons by an LLM judge, each asked twice with the replies in both orders.
 
     `pairs`: (model_a, model_b) tuples; default every pair of models in `generations`. Only items
@@ -317,7 +362,7 @@ def judge_pairwise(generations: Any, items: Sequence[Item], client: Any, judge_m
     import pandas as pd
     crit = judge_criteria(criteria)
     judge = _Judge(client, judge_model, run_dir, concurrency, max_tokens, temperature, json_mode, retries,
-                   sleep, progress, log)
+                   sleep, progress, log, batch=batch)
     by_id, replies = _judge_inputs(generations, items)
     models = list(dict.fromkeys(m for m, _ in replies))
     pairs = list(pairs) if pairs is not None else list(itertools.combinations(models, 2))

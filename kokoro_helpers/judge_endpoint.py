@@ -140,3 +140,17 @@ class FakeJudgeClient:
 
     def with_options(self, **_: Any) -> "FakeJudgeClient":
         return self
+
+
+def batch_runner(spec: JudgeSpec | None, run_dir: Any, name: str, enabled: bool = False, *,
+                 poll_seconds: float = 30.0, log=print) -> Any:
+    """A batch_api.BatchRunner for this judge when `enabled` (judge_batch) and the judge is OpenAI's
+    (the Batch API is OpenAI's own); otherwise None, with a note when batching was asked for."""
+    if not enabled or spec is None:
+        return None
+    if not spec.is_openai:
+        if log:
+            log(f"judge_batch: the Batch API is OpenAI's; {spec.label} is asked request by request")
+        return None
+    from .batch_api import BatchRunner
+    return BatchRunner(spec.client, run_dir, f"judge-{name}", poll_seconds=poll_seconds, log=log)

@@ -70,18 +70,23 @@ def per_item_metrics(generations: Any, items: Sequence[Mapping[str, Any]], *,
     return pd.DataFrame(rows, columns=["model", "item_id", "metric", "value"])
 
 
-def default_pairs(responders: Iterable[Any]) -> list[tuple[str, str]]:
-    """(fine-tuned, its base) for every adapter or fine-tuned model whose base is also evaluated."""
+def default_pairs(responders: Iterable[Any], run_dir: str | Path | None = None) -> list[tuple[str, str]]:
+    """(fine-tuned, its base) for every adapter or fine-tuned model whose base is also evaluated
+    (named "<base_model> (base)", as models_from_run names base models): from the responders'
+    cards, and with `run_dir` from every card in run_dir/models (OpenAI ones too)."""
     responders = list(responders)
     names = {r.name for r in responders}
-    pairs = []
-    for r in responders:
-        card = getattr(r, "card", None)
-        if getattr(r, "base_only", False) or not card or not card.get("base_model"):
+    cards = [(r.name, getattr(r, "card", None)) for r in responders if not getattr(r, "base_only", False)]
+    if run_dir is not None:
+        from .cards import list_cards
+        cards += [(str(c.get("model_id")), c) for _, c in list_cards(run_dir)]
+    pairs: list[tuple[str, str]] = []
+    for name, card in cards:
+        if not card or not card.get("base_model") or name not in names:
             continue
         base = f"{card['base_model']} (base)"
-        if base in names and base != r.name:
-            pairs.append((r.name, base))
+        if base in names and base != name and (name, base) not in pairs:
+            pairs.append((name, base))
     return pairs
 
 

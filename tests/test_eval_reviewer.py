@@ -274,3 +274,155 @@ def test_paired_comparisons_on_the_same_items():
     assert pr.named_pairs([["lora", "ep"]], ["lora", "ep"]) == [("lora", "ep")]
     with pytest.raises(ValueError, match="not evaluated"):
         pr.named_pairs([["lora", "nope"]], ["lora"])
+
+
+# ---- OpenAI's Batch API: a stateful fake server through the real SDK ------------------------------
+
+class FakeBatchServer:
+    """/v1/files, /v1/batches, /v1/batches/{id}, /v1/files/{id}/content as OpenAI serves them: a batch
+    goes validating -> in_progress -> `final` over successive polls; output lines come back in
+    reverse order (so only custom_id can match them), `fail_ids` land in the error file, and an
+    expired batch returns only its first `partial` answers."""
+
+    def __init__(self, answer, final: str = "completed", fail_ids=(), partial: int = 0, state_dir=None):
+        self.answer, self.final, self.fail_ids, self.partial = answer, final, set(fail_ids), partial
+        self.files: dict[str, str] = {}
+        self.batches: dict[str, dict] = {}
+        self.polls: dict[str, int] = {}
+        self.uploads = self.creates = 0
+        self.state_dir = state_dir
+        self.state_seen_before_poll = []
+
+    def _batch_json(self, b):
+        return {k: v for k, v in b.items() if not k.startswith("_")}
+
+    def __call__(self, request):
+        import httpx2
+        path, method = request.url.path, request.method
+        if method == "POST" and path == "/v1/files":
+            body = request.read().decode("utf-8")
+            lines = [ln for ln in body.splitlines() if ln.startswith('{"custom_id"')]
+            self.uploads += 1
+            fid = f"file-in-{self.uploads}"
+            self.files[fid] = "\n".join(lines) + "\n"
+            return httpx2.Response(200, json={"id": fid, "object": "file", "bytes": len(body), "created_at": 1,
+                                              "filename": "in.jsonl", "purpose": "batch", "status": "processed"})
+        if method == "POST" and path == "/v1/batches":
+            req = json.loads(request.read())
+            assert req["endpoint"] == "/v1/chat/completions" and req["completion_window"] == "24h"
+            self.creates += 1
+            bid = f"batch_{self.creates}"
+            self.batches[bid] = {"id": bid, "object": "batch", "endpoint": req["endpoint"], "created_at": 1,
+                                 "input_file_id": req["input_file_id"], "completion_window": "24h",
+                                 "status": "validating", "output_file_id": None, "error_file_id": None}
+            return httpx2.Response(200, json=self._batch_json(self.batches[bid]))
+        if method == "GET" and path.startswith("/v1/batches/"):
+            bid = path.rsplit("/", 1)[1]
+            b = self.batches[bid]
+            if self.state_dir is not None:
+                self.state_seen_before_poll.append(any(bid in p.read_text() for p in Path(self.state_dir).glob("*.json")))
+            n = self.polls[bid] = self.polls.get(bid, 0) + 1
+            if n == 1:
+                b["status"] = "in_progress"
+            elif b["status"] == "in_progress":
+                self._finish(b)
+            return httpx2.Response(200, json=self._batch_json(b))
+        if method == "GET" and path.startswith("/v1/files/") and path.endswith("/content"):
+            return httpx2.Response(200, content=self.files[path.split("/")[3]].encode("utf-8"))
+        return httpx2.Response(404, json={"error": {"message": f"no route {method} {path}"}})
+
+    def _finish(self, b):
+        reqs = [json.loads(ln) for ln in self.files[b["input_file_id"]].splitlines() if ln.strip()]
+        ok, bad = [], []
+        for k, r in enumerate(reqs):
+            if self.final == "expired" and k >= self.partial:
+                continue
+            if r["custom_id"] in self.fail_ids:
+                bad.append({"custom_id": r["custom_id"], "response": {"status_code": 400, "body": {
+                    "error": {"message": "invalid request"}}}, "error": None})
+                continue
+            ok.append({"custom_id": r["custom_id"], "error": None, "response": {"status_code": 200, "body":
+                       _completion(self.answer(r["body"]), model=r["body"]["model"])}})
+        b["status"] = self.final
+        out_id, err_id = f"file-out-{b['id']}", f"file-err-{b['id']}"
+        self.files[out_id] = "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in reversed(ok))
+        self.files[err_id] = "".join(json.dumps(x) + "\n" for x in bad)
+        b["output_file_id"], b["error_file_id"] = out_id, (err_id if bad else None)
+        b["request_counts"] = {"total": len(reqs), "completed": len(ok), "failed": len(bad)}
+        if self.final == "failed":
+            b["errors"] = {"object": "list", "data": [{"code": "invalid_file", "message": "bad line 1"}]}
+
+
+def _rubric_answer(body):
+    reply = body["messages"][-1]["content"].split("## 候補\n")[1].split("\n")[0]
+    k = int(reply[-1])
+    return json.dumps({"scores": {"accuracy": k % 6, "relevance": 3, "expertise": 4}})
+
+
+def test_judge_batch_is_resumable_and_matched_by_custom_id(tmp_path):
+    from kokoro_helpers.batch_api import BatchError, BatchRunner
+    items, gens = _items_and_gens()
+    state_dir = tmp_path / "eval" / "batches"
+    server = FakeBatchServer(_rubric_answer, state_dir=state_dir)
+    client = _sdk_client(server, max_retries=0)
+    # the first kernel gives up waiting (a restart): the batch id is already on disk
+    impatient = BatchRunner(client, tmp_path, "judge-rubric", poll_seconds=1, max_wait_s=0, sleep=lambda s: None, log=None)
+    with pytest.raises(BatchError, match="still in_progress"):
+        jd.judge_scores(gens, items, client, "gpt-judge", run_dir=tmp_path, progress=False, log=None, batch=impatient)
+    assert server.state_seen_before_poll == [True]               # written before any waiting
+    assert server.uploads == 1 and server.creates == 1
+    # a new kernel: the same call resumes the same batch, nothing is submitted again
+    runner = BatchRunner(_sdk_client(server, max_retries=0), tmp_path, "judge-rubric", poll_seconds=1,
+                         sleep=lambda s: None, log=None)
+    scores = jd.judge_scores(gens, items, client, "gpt-judge", run_dir=tmp_path, progress=False, log=None, batch=runner)
+    assert server.uploads == 1 and server.creates == 1
+    acc = scores[scores["criterion"] == "accuracy"].set_index("item_id")["score"]
+    assert acc.to_dict() == {f"test:{k:02d}": k % 6 for k in range(6)}      # reversed output, matched by id
+    assert scores["parse_error"].isna().all()
+    # cached: a third run asks nobody
+    jd.judge_scores(gens, items, client, "gpt-judge", run_dir=tmp_path, progress=False, log=None,
+                    batch=BatchRunner(client, tmp_path, "judge-rubric", sleep=lambda s: None, log=None))
+    assert server.creates == 1
+
+
+def test_expired_or_failed_batch_is_a_clear_error_and_keeps_what_came_back(tmp_path):
+    from kokoro_helpers.batch_api import BatchError, BatchRunner
+    items, gens = _items_and_gens()
+    server = FakeBatchServer(_rubric_answer, final="expired", partial=4)
+    client = _sdk_client(server, max_retries=0)
+    runner = BatchRunner(client, tmp_path, "judge-rubric", sleep=lambda s: None, log=None)
+    with pytest.raises(BatchError, match="ended 'expired' with 4 of 6 answers.*Re-run to submit a new batch"):
+        jd.judge_scores(gens, items, client, "gpt-judge", run_dir=tmp_path, progress=False, log=None, batch=runner)
+    assert list((tmp_path / "eval" / "batches").glob("*.expired.ended.json"))
+    server.final = "completed"
+    scores = jd.judge_scores(gens, items, client, "gpt-judge", run_dir=tmp_path, progress=False, log=None, batch=runner)
+    assert server.creates == 2
+    second = server.files[server.batches["batch_2"]["input_file_id"]]
+    assert len(second.strip().splitlines()) == 2                  # only the two that never came back
+    assert scores["score"].notna().all()
+    # a failed batch names its errors
+    failed = FakeBatchServer(_rubric_answer, final="failed")
+    c2 = _sdk_client(failed, max_retries=0)
+    with pytest.raises(BatchError, match="ended 'failed' \\(invalid_file: bad line 1\\)"):
+        jd.judge_scores(gens, items, c2, "gpt-judge", run_dir=tmp_path / "other", progress=False, log=None,
+                        batch=BatchRunner(c2, tmp_path / "other", "judge-rubric", sleep=lambda s: None, log=None))
+
+
+def test_eval_batch_replies_through_generate_all(tmp_path):
+    items, _ = _items_and_gens()
+    server = FakeBatchServer(lambda body: "返答:" + body["messages"][-1]["content"], fail_ids={"test:03"})
+    client = _sdk_client(server, max_retries=0)
+    r = ev.OpenAIChatResponder(client, "ft:gpt-4o-mini:org:kokoro:abc", batch_run_dir=tmp_path,
+                               batch_poll_seconds=0, progress=False, log=None)
+    with pytest.raises(ev.GenerationError, match="1 of 6 batch request"):
+        ev.generate_all(items, [r], tmp_path, log=None)
+    gens = ev.generate_all(items, [r], tmp_path, strict=False, log=None)     # the rest is cached
+    assert server.creates == 2
+    assert len(gens) == 5 and "test:03" not in set(gens["item_id"])
+    assert gens.set_index("item_id").loc["test:02", "response"] == "返答:相談2です"
+    assert gens["cached"].all()
+    server.fail_ids = set()
+    gens = ev.generate_all(items, [r], tmp_path, log=None)
+    assert len(gens) == 6 and server.creates == 3
+    last = server.files[server.batches["batch_3"]["input_file_id"]].strip().splitlines()
+    assert [json.loads(x)["custom_id"] for x in last] == ["test:03"]
