@@ -41,8 +41,24 @@ def index_parts(eval_dir: Path) -> list[str]:
                                               if c in table]].round(3)))
     except Exception:  # noqa: BLE001 - the index renders whatever the files hold
         pass
+    for name in ("score_prediction.json", "score_prediction_llm.json"):
+        parts += _prediction_part(eval_dir / name)
     try:
-        rep = read_json(eval_dir / "score_prediction.json")
+        csv = eval_dir / "paired.csv"
+        if csv.is_file():
+            table = pd.read_csv(csv)
+            parts.append("<h3>Paired comparisons (mean difference A − B, paired bootstrap 95% CI)</h3>"
+                         + (_frame_html(table.round(3)) if len(table) else "<p>No pair to compare.</p>"))
+    except Exception:  # noqa: BLE001
+        pass
+    return parts
+
+
+def _prediction_part(path: Path) -> list[str]:
+    import pandas as pd
+    parts: list[str] = []
+    try:
+        rep = read_json(path)
         if rep and rep.get("targets"):
             rows = []
             for target, by_split in rep["targets"].items():
@@ -57,14 +73,6 @@ def index_parts(eval_dir: Path) -> list[str]:
                         if s else "")
                 parts.append(f"<h3>Score prediction ({html.escape(str(rep.get('predictor')))}, test split)</h3>"
                              f"<p>{html.escape(line)}</p>" + _frame_html(pd.DataFrame(rows)))
-    except Exception:  # noqa: BLE001
-        pass
-    try:
-        csv = eval_dir / "paired.csv"
-        if csv.is_file():
-            table = pd.read_csv(csv)
-            parts.append("<h3>Paired comparisons (mean difference A − B, paired bootstrap 95% CI)</h3>"
-                         + (_frame_html(table.round(3)) if len(table) else "<p>No pair to compare.</p>"))
     except Exception:  # noqa: BLE001
         pass
     return parts

@@ -134,6 +134,20 @@ def report_frame(report: Mapping[str, Mapping[str, Mapping[str, Any]]], split: s
     return pd.DataFrame(rows).set_index("target") if rows else pd.DataFrame()
 
 
+def compare_frame(reports: Mapping[str, Mapping[str, Any]], split: str = "test"):
+    """Predictors side by side on `split`: one row per (target, predictor) with mae, mae_of_mean, spearman."""
+    import pandas as pd
+    rows = []
+    for name, report in reports.items():
+        for target, by_split in report.items():
+            r = by_split.get(split)
+            if r:
+                rows.append({"target": target, "predictor": name, "n": r["n"], "mae": r["mae"],
+                             "mae_of_mean": r["mae_of_mean"], "spearman": r["spearman"]})
+    return pd.DataFrame(rows).pivot_table(index="target", columns="predictor", values=["mae", "spearman"],
+                                          sort=False) if rows else pd.DataFrame()
+
+
 def verdict_sentence(report: Mapping[str, Mapping[str, Mapping[str, Any]]], split: str = "test") -> str:
     """One sentence on the overall score: does the predictor beat the mean predictor on `split`?"""
     r = report.get("score", {}).get(split)
@@ -172,16 +186,18 @@ def rate_generations(predictor: ScorePredictor, generations: Any, items: Sequenc
         columns={"std": "sd", "count": "n"})
 
 
-def prediction_path(run_dir: str | Path) -> Path:
-    return resolve(run_dir) / "eval" / "score_prediction.json"
+def prediction_path(run_dir: str | Path, name: str = "score_prediction.json") -> Path:
+    return resolve(run_dir) / "eval" / name
 
 
-def write_report(report: Mapping[str, Any], predictor: ScorePredictor, run_dir: str | Path) -> Path:
-    """run_dir/eval/score_prediction.json: {predictor, info, created, targets: {target: {split: {...}}}}."""
+def write_report(report: Mapping[str, Any], predictor: Any, run_dir: str | Path,
+                 name: str = "score_prediction.json") -> Path:
+    """run_dir/eval/<name> (default score_prediction.json; the LLM regressor's: score_prediction_llm.json):
+    {predictor, info, created, targets: {target: {split: {...}}}}."""
     def clean(v: Any) -> Any:
         return None if isinstance(v, float) and math.isnan(v) else v
     targets = {t: {s: {k: clean(v) for k, v in r.items()} for s, r in by.items()} for t, by in report.items()}
-    path = prediction_path(run_dir)
+    path = prediction_path(run_dir, name)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, {"predictor": predictor.name, "info": predictor.info, "created": now_iso(),
                              "targets": targets})

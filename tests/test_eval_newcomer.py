@@ -60,6 +60,7 @@ def test_kokorochat_params_on_a_folder_without_gpu_or_key(project_copy):
     assert "Judge validity skipped: no judge configured" in out["nb03-29"]
     assert "Paired comparisons skipped" in out["nb03-39"]
     assert "test sessions the predictor's MAE" in out["nb03-33"]          # dialogue-level steps still run
+    assert "LLM score regressor: SKIPPED" in out["nb03-41"] and "needs a GPU" in out["nb03-41"]
     run = root / "runs" / "kokorochat" / "eval"
     pred = json.loads((run / "score_prediction.json").read_text())
     assert pred["targets"]["score"]["test"]["n"] == 5

@@ -426,3 +426,63 @@ def test_eval_batch_replies_through_generate_all(tmp_path):
     assert len(gens) == 6 and server.creates == 3
     last = server.files[server.batches["batch_3"]["input_file_id"]].strip().splitlines()
     assert [json.loads(x)["custom_id"] for x in last] == ["test:03"]
+
+
+# ---- the LLM regressor (sequence-classification head + LoRA), on the tiny model on the CPU ---------
+
+def test_llm_plan():
+    from kokoro_helpers import score_prediction_llm as spl
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("the CPU rules are what is tested here")
+    assert spl.llm_plan("embedded:tiny").action == "train"
+    hub = spl.llm_plan("Qwen/Qwen2.5-0.5B-Instruct")
+    assert hub.action == "skip" and "needs a GPU" in hub.describe()
+    assert spl.llm_plan("Qwen/Qwen2.5-0.5B-Instruct", "train").action == "train"
+    assert spl.llm_plan("embedded:tiny", "off").action == "skip"
+    with pytest.raises(ValueError):
+        spl.llm_plan("embedded:tiny", "sometimes")
+
+
+def test_llm_regressor_trains_saves_and_rates_on_the_tiny_model(sample_run, tmp_path):
+    from kokoro_helpers import score_prediction_llm as spl
+    sessions = sess.load_sessions(sample_run)
+    train = [s for s in sessions if s.split == "train"]
+    pred = spl.fit_llm_regressor(train, "embedded:tiny", targets=["score", "felt_respected"], epochs=1,
+                                 learning_rate=1e-3, max_length=128, output_dir=tmp_path / "work")
+    assert pred.info["train_sessions"] == 39 and pred.info["truncated_sessions"] > 0      # counted, not silent
+    assert math.isfinite(pred.info["train_loss"])
+    out = pred.predict([s.text for s in sessions[:3]])
+    assert set(out) == {"score", "felt_respected"} and len(out["score"]) == 3
+    assert all(0 <= v <= 100 for v in out["score"]) and all(0 <= v <= 5 for v in out["felt_respected"])
+    report = sp.evaluate_predictor(pred, sessions)
+    assert report["score"]["test"]["n"] == 5
+    folder = spl.save_llm_predictor(pred, tmp_path, report)
+    card = json.loads((folder / "card.json").read_text())
+    assert card["kind"] == "score_predictor_llm" and card["target_scale"] == {"score": 100, "felt_respected": 5}
+    assert (folder / "adapter_model.safetensors").is_file()
+    from peft import AutoPeftModelForSequenceClassification
+    from kokoro_helpers.tiny_model import quiet_transformers
+    with quiet_transformers():
+        again = AutoPeftModelForSequenceClassification.from_pretrained(str(folder), num_labels=2)
+    reloaded = spl.LLMScorePredictor(again, pred.tokenizer, pred.targets, pred.train_means, 128, pred.name)
+    assert reloaded.predict([sessions[0].text])["score"] == pytest.approx(pred.predict([sessions[0].text])["score"], abs=1e-4)
+
+
+def test_report_index_shows_validity_prediction_and_paired_verdicts(sample_run):
+    from kokoro_helpers import report
+    sessions = sess.load_sessions(sample_run)
+    jv.write_validity(jv.judge_validity(sessions, je.resolve_judge("fake", log=None), progress=False, log=None),
+                      sample_run)
+    pred = sp.fit_baseline([s for s in sessions if s.split == "train"])
+    sp.write_report(sp.evaluate_predictor(pred, sessions), pred, sample_run)
+    pr.write_paired(pr.paired_comparisons(pr.per_item_metrics(
+        [{"item_id": "i1", "model": "a", "response": "x"}], [{"item_id": "i1", "split": "test", "reference": "x",
+                                                             "context": []}]), [("a", "b")]), sample_run)
+    import pandas as pd
+    pd.DataFrame([{"model_a": "lora", "model_b": "base", "metric": "chrF", "n": 16, "mean_diff": 2.5,
+                   "ci_low": 0.4, "ci_high": 4.6, "verdict": "better"}]).to_csv(sample_run / "eval" / "paired.csv", index=False)
+    html = report.key_figures(sample_run)["03"]
+    assert "Judge validity" in html and "FAKE judge" in html and "felt_respected" in html
+    assert "Score prediction (tfidf-char-1to3+ridge, test split)" in html and "Overall score on 5 test sessions" in html
+    assert "Paired comparisons" in html and "better" in html and "lora" in html
