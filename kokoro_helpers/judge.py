@@ -293,14 +293,16 @@ def _judge_inputs(generations: Any, items: Sequence[Item]) -> tuple[dict[str, It
 def judge_scores(generations: Any, items: Sequence[Item], client: Any, judge_model: str, *,
                  criteria: str | Sequence[str] | Mapping[str, str] | None = None, run_dir: str | Path | None = None,
                  show_reference: bool = False, concurrency: int = 4, max_tokens: int = 400,
-                 temperature: float = 0.0, json_mode: bool = True, retries: int = 4,
+                 temperature: float = 0.0, json_mode: bool = True, retries: int = 0,
                  sleep: Callable[[float], None] = time.sleep, progress: bool = True, log: Log = print,
                  batch: Any = None):
     """Rubric scores (0..5 per criterion) from an LLM judge for every (model, item) reply.
 
     The judge sees the dialogue and one reply, never the model's name. Answers are parsed
     robustly (`parse_rubric`); unparseable or out-of-range scores are NaN with the reason in
-    `parse_error`, never guessed. With `run_dir` the answers are cached in
+    `parse_error`, never guessed. Transient errors are retried by the SDK (the client's
+    `max_retries`); `retries` adds our own backoff on top (default none). A request that still
+    fails is reported per item (`parse_error` "request failed: ...") and never stops the run. With `run_dir` the answers are cached in
     run_dir/eval/judge/cache.jsonl, so a re-run pays nothing. Returns a long DataFrame
     (item_id, split, model, criterion, score, parse_error); summarise with
     `summarize_judge_scores`."""
@@ -350,7 +352,7 @@ def judge_pairwise(generations: Any, items: Sequence[Item], client: Any, judge_m
                    pairs: Sequence[tuple[str, str]] | None = None,
                    criteria: str | Sequence[str] | Mapping[str, str] | None = None,
                    run_dir: str | Path | None = None, concurrency: int = 4, max_tokens: int = 300,
-                   temperature: float = 0.0, json_mode: bool = True, retries: int = 4,
+                   temperature: float = 0.0, json_mode: bool = True, retries: int = 0,
                    sleep: Callable[[float], None] = time.sleep, progress: bool = True, log: Log = print,
                    batch: Any = None):
     """Pairwise comparisons by an LLM judge, each asked twice with the replies in both orders.

@@ -51,7 +51,7 @@ def resolve_judge(judge: Any = None, judge_model: str | None = None, *, max_retr
                   timeout: float = 120.0, log=print) -> JudgeSpec | None:
     """The judge of a `judge` setting (see the module doc), or None (with a note saying why) when
     there is none or its key is missing."""
-    if judge is None and judge_model:
+    if judge_model and judge in (None, "fake"):      # an explicit judge_model beats the offline default
         judge = {"model": judge_model}
     if judge is None or judge is False or judge == "":
         if log:
