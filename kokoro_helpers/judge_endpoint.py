@@ -67,6 +67,13 @@ def resolve_judge(judge: Any = None, judge_model: str | None = None, *, max_retr
                                f"got {judge!r}")
     model = str(judge["model"])
     base_url = judge.get("base_url")
+    import os
+
+    from . import openai_ft
+    if os.environ.get(openai_ft.FORCE_DRY_RUN_ENV) == "1" and (not base_url or "api.openai.com" in str(base_url)):
+        if log:
+            log(f"LLM judge {model} skipped: OpenAI calls are off ({openai_ft.FORCE_DRY_RUN_ENV}=1: tests never spend money)")
+        return None
     if base_url:
         from .evaluate import EvalError, endpoint_client
         try:
@@ -77,7 +84,6 @@ def resolve_judge(judge: Any = None, judge_model: str | None = None, *, max_retr
             return None
         is_openai = "api.openai.com" in str(base_url)
         return JudgeSpec(client, model, f"{model} @ {base_url}", is_openai=is_openai)
-    from . import openai_ft
     if not openai_ft.has_api_key():
         if log:
             log(f"LLM judge {model} skipped: {openai_ft.ENV_KEY} is not set (environment or .env); "

@@ -127,6 +127,17 @@ def test_resolve_judge_settings(monkeypatch):
     assert fake.is_fake and "FAKE" in fake.label
     with pytest.raises(je.JudgeConfigError):
         je.resolve_judge({"base_url": "http://x"}, log=None)
+    # with a key but KOKORO_OPENAI_DRY_RUN=1 (make test, CI) no OpenAI judge is ever called
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    monkeypatch.setenv("KOKORO_OPENAI_DRY_RUN", "1")
+    assert je.resolve_judge({"model": "gpt-x"}, log=notes.append) is None and "KOKORO_OPENAI_DRY_RUN" in notes[-1]
+    assert je.resolve_judge({"model": "q", "base_url": "http://127.0.0.1:8001/v1"}, log=None) is not None
+    monkeypatch.delenv("KOKORO_OPENAI_DRY_RUN")
+    spec = je.resolve_judge({"model": "gpt-x"}, log=None)
+    assert spec.is_openai and spec.client.api_key == "sk-test"
+    assert je.batch_runner(spec, "runs/x", "rubric", True, log=None) is not None
+    local = je.resolve_judge({"model": "q", "base_url": "http://127.0.0.1:8001/v1"}, log=None)
+    assert je.batch_runner(local, "runs/x", "rubric", True, log=notes.append) is None and "OpenAI's" in notes[-1]
 
 
 # ---- sessions, judge validity ----------------------------------------------------------------------
