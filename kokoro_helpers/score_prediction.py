@@ -45,9 +45,15 @@ class ScorePredictor:
         import numpy as np
         X = self.vectorizer.transform(list(texts))
         out = {}
+        shared: dict[int, Any] = {}              # one predict per fitted ridge, shared by its targets
         for target, model in self.models.items():
             hi = SCORE_MAX.get(target, None)
-            values = np.asarray(model.predict(X), dtype=float)
+            if isinstance(model, _Column):
+                if id(model.ridge) not in shared:
+                    shared[id(model.ridge)] = np.asarray(model.ridge.predict(X), dtype=float).reshape(X.shape[0], -1)
+                values = shared[id(model.ridge)][:, model.col]
+            else:
+                values = np.asarray(model.predict(X), dtype=float)
             out[target] = list(np.clip(values, 0, hi) if hi is not None else values)
         return out
 
@@ -58,6 +64,18 @@ class ScorePredictor:
         if names is not None:
             frame.index = list(names)
         return frame
+
+
+@dataclass
+class _Column:
+    """One target of a multi-output ridge."""
+    ridge: Any
+    col: int
+
+    @property
+    def alpha_(self) -> float:
+        alpha = self.ridge.alpha_
+        return float(alpha[self.col]) if getattr(alpha, "ndim", 0) else float(alpha)
 
 
 def fit_baseline(train: Sequence[Session], targets: Sequence[str] = TARGETS, *, ngram_range=(1, 3),
@@ -75,7 +93,16 @@ def fit_baseline(train: Sequence[Session], targets: Sequence[str] = TARGETS, *, 
                           max_features=max_features, min_df=1)
     X = vec.fit_transform([s.text for s in train])
     models, means, skipped = {}, {}, {}
-    for target in targets:
+    # the sessions rated on every target (all of KokoroChat's): one multi-output RidgeCV, an alpha per
+    # target — a single decomposition however many targets; the rest one ridge per target
+    complete = [k for k, s in enumerate(train) if all(s.ratings.get(t) is not None for t in targets)]
+    if len(complete) == len(train):
+        Y = np.array([[train[k].ratings[t] for t in targets] for k in complete], dtype=float)
+        ridge = RidgeCV(alphas=list(alphas), alpha_per_target=True).fit(X, Y)
+        for j, target in enumerate(targets):
+            models[target] = _Column(ridge, j)
+            means[target] = float(Y[:, j].mean())
+    for target in targets if not models else ():
         rows = [k for k, s in enumerate(train) if s.ratings.get(target) is not None]
         if len(rows) < MIN_TRAIN:
             skipped[target] = f"{len(rows)} rated train sessions (< {MIN_TRAIN})"

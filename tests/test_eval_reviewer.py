@@ -247,6 +247,12 @@ def test_score_prediction_beats_the_mean_when_text_carries_the_score(sample_run,
     assert rated.loc["m", "n"] == 1 and 0 <= rated.loc["m", "mean"] <= 100
     with pytest.raises(sp.PredictionError, match="at least"):
         sp.fit_baseline(sessions[:3])
+    # one session without a rating: per-target ridges, the unrated session left out of that target only
+    sessions[0].ratings["score"] = None
+    per_target = sp.fit_baseline([s for s in sessions if s.split == "train"])
+    assert type(per_target.models["score"]).__name__ == "RidgeCV"
+    again = sp.evaluate_predictor(per_target, sessions)["score"]["test"]
+    assert again["n"] == 20 and again["mae"] < again["mae_of_mean"]
 
 
 # ---- paired comparisons ----------------------------------------------------------------------------
