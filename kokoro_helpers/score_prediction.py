@@ -79,8 +79,10 @@ class _Column:
 
 
 def fit_baseline(train: Sequence[Session], targets: Sequence[str] = TARGETS, *, ngram_range=(1, 3),
-                 max_features: int = 200_000, alphas: Sequence[float] = (0.1, 1.0, 10.0, 100.0)) -> ScorePredictor:
-    """Char n-gram TF-IDF (sublinear tf) + RidgeCV per target, fitted on `train` sessions."""
+                 max_features: int = 200_000, alphas: Sequence[float] = (0.1, 1.0, 10.0, 100.0),
+                 log=print) -> ScorePredictor:
+    """Char n-gram TF-IDF (sublinear tf) + RidgeCV per target, fitted on `train` sessions (about two
+    minutes for KokoroChat's 5,271 train sessions on two CPU cores)."""
     import numpy as np
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import RidgeCV
@@ -89,6 +91,9 @@ def fit_baseline(train: Sequence[Session], targets: Sequence[str] = TARGETS, *, 
     if len(train) < MIN_TRAIN:
         raise PredictionError(f"score prediction needs at least {MIN_TRAIN} train sessions with ratings, "
                               f"got {len(train)}: use a larger dataset_source / max_samples")
+    if log is not None:
+        log(f"score prediction: fitting {BASELINE_NAME} on {len(train)} train sessions "
+            f"({sum(len(s.text) for s in train):,} characters)")
     vec = TfidfVectorizer(analyzer="char", ngram_range=tuple(ngram_range), sublinear_tf=True,
                           max_features=max_features, min_df=1)
     X = vec.fit_transform([s.text for s in train])
