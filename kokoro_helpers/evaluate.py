@@ -354,9 +354,12 @@ class OpenAIChatResponder:
                  concurrency: int = 4, retries: int = 4, base_delay: float = 2.0, max_delay: float = 60.0,
                  sdk_max_retries: int | None = None, timeout: float | None = None,
                  extra_body: Mapping[str, Any] | None = None, cache_tag: str | None = None,
-                 progress: bool = True, sleep: Callable[[float], None] = time.sleep, log: Log = print):
+                 progress: bool = True, sleep: Callable[[float], None] = time.sleep, log: Log = print,
+                 batch_run_dir: str | Path | None = None, batch_poll_seconds: float = 30.0):
         if not model:
             raise EvalError("OpenAIChatResponder needs a model name")
+        self.batch_run_dir = batch_run_dir          # set: replies through OpenAI's Batch API (batch_api.py)
+        self.batch_poll_seconds = batch_poll_seconds
         self.client = client
         self.model = model
         self.name = name or model
@@ -428,7 +431,46 @@ class OpenAIChatResponder:
             meta["retries"] = len(retries)
         return _completion_text(resp), meta
 
+    def _respond_batch(self, items: Sequence[Item], on_result: OnResult | None) -> list[str]:
+        """All replies in one OpenAI batch (custom_id = item_id), resumable (batch_api.BatchRunner).
+        Replies are handed to `on_result` (cached) before any failure is raised."""
+        from .batch_api import BatchError, BatchRunner
+        bodies = {}
+        for it in items:
+            b = self.request(it["context"])
+            b.update(b.pop("extra_body", None) or {})
+            bodies[it["item_id"]] = b
+        runner = BatchRunner(self._client(), self.batch_run_dir, f"replies-{self.name}",
+                             poll_seconds=self.batch_poll_seconds, log=self.log)
+        try:
+            results = runner.run(bodies)
+            failure: BaseException | None = None
+        except BatchError as exc:
+            results, failure = exc.partial, exc
+        out: list[str] = []
+        missing = []
+        for i, it in enumerate(items):
+            r = results.get(it["item_id"])
+            if r is None or r.text is None:
+                missing.append(f"{it['item_id']}: {r.error if r is not None else 'no result'}")
+                out.append("")
+                continue
+            out.append(r.text)
+            if on_result is not None:
+                usage = r.usage or {}
+                on_result(i, r.text, {"via": "batch", "prompt_tokens": usage.get("prompt_tokens"),
+                                      "completion_tokens": usage.get("completion_tokens")})
+        if failure is not None:
+            raise failure
+        if missing:
+            raise EvalError(f"{self.name}: {len(missing)} of {len(items)} batch request(s) failed (first: "
+                            f"{missing[0]}); the others are cached: re-run to ask for the rest")
+        return out
+
     def respond(self, items: Sequence[Item], on_result: OnResult | None = None) -> list[str]:
+        if self.batch_run_dir is not None and items:
+            return self._respond_batch(list(items), on_result)
+
         def handed(i: int, value: tuple[str, dict[str, Any]]) -> None:
             if on_result is not None:
                 on_result(i, value[0], value[1])
@@ -641,7 +683,7 @@ def models_from_run(run_dir: str | Path = "runs/default", include_base: bool = T
                     extra_endpoints: Iterable[Mapping[str, Any]] = (), *, client: Any = None,
                     include_openai_base: bool = False, max_tokens: int = 256, temperature: float = 0.0,
                     seed: int | None = None, concurrency: int = 4, local_batch_size: int = 8,
-                    progress: bool = True, log: Log = print) -> list[Any]:
+                    openai_batch: bool = False, progress: bool = True, log: Log = print) -> list[Any]:
     """What to evaluate, as responders:
 
     * every card in run_dir/models (`cards.list_cards`): kind `openai` → its fine-tuned model
@@ -652,6 +694,8 @@ def models_from_run(run_dir: str | Path = "runs/default", include_base: bool = T
     * every endpoint in `extra_endpoints`: `{"base_url": ..., "model": ..., "name": optional,
       "api_key_env": optional (the variable holding its key), "cache_tag": optional, "client":
       optional ready-made client}`.
+    `openai_batch` (03's `eval_batch`): the OpenAI cards' models answer through OpenAI's Batch API
+    (half price; resumable, see batch_api.py); endpoints are always asked request by request.
     Generation settings (`max_tokens`, `temperature`, `seed`) are the same for every model."""
     from .cards import list_cards
     responders: list[Any] = []
@@ -665,6 +709,7 @@ def models_from_run(run_dir: str | Path = "runs/default", include_base: bool = T
         responders.append(r)
 
     common = dict(temperature=temperature, seed=seed, progress=progress)
+    batch = dict(batch_run_dir=run_dir) if openai_batch else {}
     cards_found = list_cards(run_dir)
     openai_client = client
     if openai_client is None and any(c.get("kind") == "openai" and c.get("provider", "openai") == "openai"
@@ -688,10 +733,11 @@ def models_from_run(run_dir: str | Path = "runs/default", include_base: bool = T
                 _say(log, f"skipped {card['model_id']} ({path.name}): no OpenAI client (set OPENAI_API_KEY)")
                 continue
             add(OpenAIChatResponder(card_client, model, max_tokens=max_tokens, concurrency=concurrency, log=log,
-                                    **({"name": card["model_id"]} if model != card["model_id"] else {}), **common))
+                                    **({"name": card["model_id"]} if model != card["model_id"] else {}), **common,
+                                    **(batch if card.get("provider", "openai") == "openai" else {})))
             if include_openai_base and card.get("base_model"):
                 add(OpenAIChatResponder(openai_client, card["base_model"], name=f"{card['base_model']} (base)",
-                                        max_tokens=max_tokens, concurrency=concurrency, log=log, **common))
+                                        max_tokens=max_tokens, concurrency=concurrency, log=log, **common, **batch))
         elif kind == "local_lora":
             add(LocalResponder(path, max_new_tokens=max_tokens, batch_size=local_batch_size, **common))
             if include_base and card.get("base_model"):
@@ -883,6 +929,26 @@ def generate_all(items: Sequence[Item], responders: Sequence[Any], run_dir: str 
     frame = pd.DataFrame(rows)
     frame.attrs["failures"] = {n: f"{type(e).__name__}: {e}" for n, e in failures.items()}
     return frame
+
+
+def generation_overview(generations: Any, run_dir: str | Path = "runs/default", log: Log = print):
+    """Replies per model (and how many came from the cache), or None — after saying plainly why —
+    when no model replied: no card in run_dir/models (02 trained or submitted nothing), or cards
+    that could not be evaluated (the notes above name the reason for each)."""
+    if generations is not None and len(generations):
+        return generations.groupby("model").agg(replies=("item_id", "count"), from_cache=("cached", "sum"))
+    from .cards import list_cards
+    cards = list_cards(run_dir)
+    if not cards:
+        why = (f"no model card in {resolve(run_dir) / 'models'}: 02_finetune trained or submitted nothing "
+               f"(local_mode auto trains a Hub-size model only on a GPU; OpenAI stays in dry run without "
+               f"OPENAI_API_KEY), and no endpoints were given")
+    else:
+        why = (f"{len(cards)} model card(s) in {resolve(run_dir) / 'models'}, but none could be evaluated "
+               f"(the notes above say why for each)")
+    _say(log, f"No model replied: {why}. Skipped: automatic metrics, the judge of replies, human scoring and "
+              f"paired comparisons. Still run: judge validity and score prediction (whole sessions).")
+    return None
 
 
 def load_generations(run_dir: str | Path):

@@ -164,7 +164,8 @@ class _Judge:
 
     def __init__(self, client: Any, judge_model: str, run_dir: str | Path | None, concurrency: int,
                  max_tokens: int, temperature: float, json_mode: bool, retries: int,
-                 sleep: Callable[[float], None], progress: bool, log: Log):
+                 sleep: Callable[[float], None], progress: bool, log: Log, system: str | None = None,
+                 batch: Any = None):
         if client is None:
             raise EvalError("the LLM judge needs a client: set OPENAI_API_KEY (see default_client()) "
                             "or pass client=; without one skip the judge")
@@ -178,34 +179,108 @@ class _Judge:
         self.cache = (JsonlCache(eval_dir(run_dir) / "judge" / "cache.jsonl", ("judge_model", "prompt_sha"))
                       if run_dir is not None else None)
         self.log = log
+        self.system = system or JUDGE_SYSTEM
+        self.batch = batch                     # a batch_api.BatchRunner: OpenAI's Batch API instead of one call each
+        self.errors: dict[int, str] = {}       # prompt index -> why its request failed (last ask)
 
     def ask(self, prompts: Sequence[str], desc: str) -> list[str]:
-        """The judge's answer to each prompt, from the cache where possible."""
+        """The judge's answer to each prompt, from the cache where possible. A request that still
+        fails after the retries (endpoint down, HTTP error) does not stop the others: its answer is
+        "" and the reason is in `self.errors[index]`; it is not cached, so a re-run asks again."""
+        self.errors = {}
         have = self.cache.load() if self.cache is not None else {}
-        shas = [_sha1([self.responder.settings, self.json_mode, JUDGE_SYSTEM, p]) for p in prompts]
+        shas = [_sha1([self.responder.settings, self.json_mode, self.system, p]) for p in prompts]
         answers: list[str | None] = [have.get((self.judge_model, s), {}).get("answer") for s in shas]
         todo = [i for i, a in enumerate(answers) if a is None]
         _say(self.log, f"judge {self.judge_model} ({desc}): {len(prompts) - len(todo)} cached, {len(todo)} to ask")
         client = self.responder._client()
 
-        def one(i: int) -> str:
-            kwargs = self.responder.request([{"role": "system", "content": JUDGE_SYSTEM},
+        def body(i: int) -> dict[str, Any]:
+            kwargs = self.responder.request([{"role": "system", "content": self.system},
                                              {"role": "user", "content": prompts[i]}])
             if self.json_mode:
                 kwargs["response_format"] = {"type": "json_object"}
-            resp = self.responder.retry.call(lambda: client.chat.completions.create(**kwargs))
-            return _completion_text(resp)
+            return kwargs
+
+        if self.batch is not None and todo:
+            return self._ask_batch(todo, shas, answers, body)
+
+        def one(i: int) -> str:
+            kwargs = body(i)
+            try:
+                resp = self.responder.retry.call(lambda: client.chat.completions.create(**kwargs))
+                return _completion_text(resp)
+            except Exception as exc:  # noqa: BLE001 - one failed request is reported per item, never a crash
+                return _RequestFailed(f"{type(exc).__name__}: {str(exc)[:300]}")
 
         def store(k: int, text: str) -> None:
             i = todo[k]
+            if isinstance(text, _RequestFailed):
+                self.errors[i] = text.reason
+                return
             answers[i] = text
-            if self.cache is not None:
+            if self.cache is not None and extract_json(text) is not None:   # prose is asked again next run
                 self.cache.append({"judge_model": self.judge_model, "prompt_sha": shas[i], "answer": text,
                                    "time": now_iso()})
 
         run_concurrently(one, todo, self.responder.concurrency, store, self.responder.progress,
                          desc=f"judge {desc}")
+        prose = [i for i in todo if i not in self.errors and extract_json(answers[i] or "") is None]
+        if prose:                 # an answer without JSON: asked once more now (and again on a re-run)
+            _say(self.log, f"judge {self.judge_model} ({desc}): {len(prose)} answer(s) without JSON; asking once more")
+            first_round, todo = todo, prose
+            run_concurrently(one, prose, self.responder.concurrency, store, self.responder.progress,
+                             desc=f"judge {desc} (again)")
+            todo = first_round
+        if self.errors:
+            first = next(iter(self.errors.values()))
+            _say(self.log, f"judge {self.judge_model} ({desc}): {len(self.errors)} of {len(todo)} request(s) "
+                           f"FAILED after retries (first: {first}); they are reported per item and asked "
+                           f"again on the next run")
         return [a or "" for a in answers]
+
+
+    def _ask_batch(self, todo: list[int], shas: list[str], answers: list[str | None],
+                   body: Callable[[int], dict[str, Any]]) -> list[str]:
+        """The missing answers through OpenAI's Batch API (custom_id = the prompt's sha): cached as
+        they come back; failed requests are reported per item like any other."""
+        from .batch_api import BatchError
+        bodies: dict[str, dict[str, Any]] = {}
+        for i in todo:
+            b = body(i)
+            b.update(b.pop("extra_body", None) or {})
+            bodies.setdefault(shas[i], b)
+
+        def keep(results: Mapping[str, Any]) -> None:
+            for i in todo:
+                r = results.get(shas[i])
+                if r is None or r.text is None:
+                    self.errors[i] = (r.error if r is not None else None) or "no result in the batch"
+                    continue
+                self.errors.pop(i, None)
+                answers[i] = r.text
+                if self.cache is not None and extract_json(r.text) is not None:
+                    self.cache.append({"judge_model": self.judge_model, "prompt_sha": shas[i], "answer": r.text,
+                                       "time": now_iso(), "via": "batch"})
+
+        try:
+            keep(self.batch.run(bodies))
+        except BatchError as exc:
+            keep(exc.partial)                  # what the batch did return is kept (cached) first
+            raise
+        if self.errors:
+            _say(self.log, f"judge {self.judge_model} (batch): {len(self.errors)} of {len(todo)} request(s) failed; "
+                           f"reported per item, asked again on the next run")
+        return [a or "" for a in answers]
+
+
+class _RequestFailed(str):
+    """A judge request that failed after its retries (kept apart from a real answer)."""
+
+    def __new__(cls, reason: str):
+        obj = super().__new__(cls, "")
+        obj.reason = reason
+        return obj
 
 
 def _judge_inputs(generations: Any, items: Sequence[Item]) -> tuple[dict[str, Item], dict[tuple[str, str], str]]:
@@ -218,27 +293,32 @@ def _judge_inputs(generations: Any, items: Sequence[Item]) -> tuple[dict[str, It
 def judge_scores(generations: Any, items: Sequence[Item], client: Any, judge_model: str, *,
                  criteria: str | Sequence[str] | Mapping[str, str] | None = None, run_dir: str | Path | None = None,
                  show_reference: bool = False, concurrency: int = 4, max_tokens: int = 400,
-                 temperature: float = 0.0, json_mode: bool = True, retries: int = 4,
-                 sleep: Callable[[float], None] = time.sleep, progress: bool = True, log: Log = print):
+                 temperature: float = 0.0, json_mode: bool = True, retries: int = 0,
+                 sleep: Callable[[float], None] = time.sleep, progress: bool = True, log: Log = print,
+                 batch: Any = None):
     """Rubric scores (0..5 per criterion) from an LLM judge for every (model, item) reply.
 
     The judge sees the dialogue and one reply, never the model's name. Answers are parsed
     robustly (`parse_rubric`); unparseable or out-of-range scores are NaN with the reason in
-    `parse_error`, never guessed. With `run_dir` the answers are cached in
+    `parse_error`, never guessed. Transient errors are retried by the SDK (the client's
+    `max_retries`); `retries` adds our own backoff on top (default none). A request that still
+    fails is reported per item (`parse_error` "request failed: ...") and never stops the run. With `run_dir` the answers are cached in
     run_dir/eval/judge/cache.jsonl, so a re-run pays nothing. Returns a long DataFrame
     (item_id, split, model, criterion, score, parse_error); summarise with
     `summarize_judge_scores`."""
     import pandas as pd
     crit = judge_criteria(criteria)
     judge = _Judge(client, judge_model, run_dir, concurrency, max_tokens, temperature, json_mode, retries,
-                   sleep, progress, log)
+                   sleep, progress, log, batch=batch)
     by_id, replies = _judge_inputs(generations, items)
     keys = list(replies)
     prompts = [rubric_prompt(by_id[i], replies[(m, i)], crit, show_reference) for m, i in keys]
     answers = judge.ask(prompts, "rubric")
     rows = []
-    for (model, item_id), answer in zip(keys, answers):
+    for k, ((model, item_id), answer) in enumerate(zip(keys, answers)):
         scores, error = parse_rubric(answer, crit)
+        if k in judge.errors:
+            error = f"request failed: {judge.errors[k]}"
         for c, s in scores.items():
             rows.append({"item_id": item_id, "split": by_id[item_id]["split"], "model": model, "criterion": c,
                          "score": float("nan") if s is None else s, "parse_error": error})
@@ -249,6 +329,9 @@ def summarize_judge_scores(scores: Any):
     """Mean judge score per model × criterion (rows: models; columns: criteria), plus n_scored."""
     table = scores.pivot_table(index="model", columns="criterion", values="score", aggfunc="mean", sort=False)
     table["n_scored"] = scores.dropna(subset=["score"]).groupby("model", sort=False)["item_id"].nunique()
+    failed = scores[scores["parse_error"].fillna("").str.startswith("request failed")]
+    table["n_request_failed"] = failed.groupby("model", sort=False)["item_id"].nunique()
+    table["n_request_failed"] = table["n_request_failed"].fillna(0).astype(int)
     return table
 
 
@@ -269,8 +352,9 @@ def judge_pairwise(generations: Any, items: Sequence[Item], client: Any, judge_m
                    pairs: Sequence[tuple[str, str]] | None = None,
                    criteria: str | Sequence[str] | Mapping[str, str] | None = None,
                    run_dir: str | Path | None = None, concurrency: int = 4, max_tokens: int = 300,
-                   temperature: float = 0.0, json_mode: bool = True, retries: int = 4,
-                   sleep: Callable[[float], None] = time.sleep, progress: bool = True, log: Log = print):
+                   temperature: float = 0.0, json_mode: bool = True, retries: int = 0,
+                   sleep: Callable[[float], None] = time.sleep, progress: bool = True, log: Log = print,
+                   batch: Any = None):
     """Pairwise comparisons by an LLM judge, each asked twice with the replies in both orders.
 
     `pairs`: (model_a, model_b) tuples; default every pair of models in `generations`. Only items
@@ -280,7 +364,7 @@ def judge_pairwise(generations: Any, items: Sequence[Item], client: Any, judge_m
     import pandas as pd
     crit = judge_criteria(criteria)
     judge = _Judge(client, judge_model, run_dir, concurrency, max_tokens, temperature, json_mode, retries,
-                   sleep, progress, log)
+                   sleep, progress, log, batch=batch)
     by_id, replies = _judge_inputs(generations, items)
     models = list(dict.fromkeys(m for m, _ in replies))
     pairs = list(pairs) if pairs is not None else list(itertools.combinations(models, 2))
@@ -300,9 +384,12 @@ def judge_pairwise(generations: Any, items: Sequence[Item], client: Any, judge_m
     rows = []
     for k, (a, b, item_id) in enumerate(jobs):
         v1, v2 = parse_verdict(answers[2 * k]), parse_verdict(answers[2 * k + 1])
+        failed = [judge.errors[j] for j in (2 * k, 2 * k + 1) if j in judge.errors]
         rows.append({"item_id": item_id, "split": by_id[item_id]["split"], "model_a": a, "model_b": b,
-                     "verdict_ab": v1, "verdict_ba": v2, "outcome": combine_verdicts(v1, v2, a, b)})
-    return pd.DataFrame(rows, columns=["item_id", "split", "model_a", "model_b", "verdict_ab", "verdict_ba", "outcome"])
+                     "verdict_ab": v1, "verdict_ba": v2, "outcome": combine_verdicts(v1, v2, a, b),
+                     "request_error": failed[0] if failed else None})
+    return pd.DataFrame(rows, columns=["item_id", "split", "model_a", "model_b", "verdict_ab", "verdict_ba", "outcome",
+                                       "request_error"])
 
 
 def summarize_pairwise(comparisons: Any):

@@ -198,6 +198,8 @@ def key_figures(run_dir: Path) -> dict[str, str]:
                 + (f"; includes {demo} DEMO scores (seeded by demo_scores, not human judgements)" if demo else "")
                 + ".</p>")
         parts.append("<h3>Human scores</h3>" + note + table.reset_index().to_html(index=False, classes="metrics"))
+    from .eval_index import index_parts          # judge validity, score prediction, paired verdicts
+    parts += index_parts(eval_dir)
     if parts:
         out["03"] = "\n".join(parts)
     batching = _read_json(run_dir / "inference" / "batching.json")
