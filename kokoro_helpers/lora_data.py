@@ -164,6 +164,7 @@ class ChatEncoder:
         self.end_of_turn_id = int(eot_id)
         self.pad_id = self._pad_id()
         self.position_dependent: str | None = None
+        self.reply_prefix = ""
         if system_prompt_mode == "auto":
             self.system_prompt_mode = self._pick_system_prompt_mode()
         self.position_dependent = self._probe_position_dependence()
@@ -180,23 +181,35 @@ class ChatEncoder:
         except Exception as exc:   # jinja's TemplateError, raise_exception(), KeyError ...
             raise ChatTemplateError(self._rejection(clean, exc)) from exc
 
+    def _renders(self, clean: list[dict[str, str]]) -> bool:
+        try:
+            self.tokenizer.apply_chat_template(clean, tokenize=False, **self.template_kwargs)
+            return True
+        except Exception:
+            return False
+
     def _rejection(self, clean: list[dict[str, str]], exc: Exception) -> str:
+        """The template's own error, with the real cause found by trying the conversation without
+        its system message and without its opening assistant turn."""
         roles = "/".join(m["role"] for m in clean[:4])
-        text = (f"the chat template of {self.name!r} rejected a conversation starting {roles}...: {exc}. ")
-        said = str(exc).lower()
-        has_system = any(m["role"] == "system" for m in clean)
-        first = next((m["role"] for m in clean if m["role"] != "system"), None)
-        if has_system and "system" in said:
-            return text + f"The template has no system role: {_MODE_HINT}."
-        if first == "assistant":
-            return text + ("The conversation opens with the counselor (assistant) and this template wants a user "
-                           "turn first: give 01_data a system_prompt and set system_prompt_mode: "
-                           "merge_into_first_user (the system text then opens the conversation as a user turn), "
-                           "or choose a base whose template accepts an assistant turn first (Qwen2.5, "
-                           "llm-jp-3, sarashina2.2 do).")
-        if has_system:
-            return text + f"It may not accept a system message here: {_MODE_HINT}."
-        return text + "Check that the conversation alternates user/assistant as this template requires."
+        text = f"the chat template of {self.name!r} rejected a conversation starting {roles}...: {exc}."
+        system = [m for m in clean if m["role"] == "system"]
+        rest = [m for m in clean if m["role"] != "system"]
+        user_first = rest[next((i for i, m in enumerate(rest) if m["role"] == "user"), len(rest)):]
+        causes = []
+        if system and user_first and self._renders(user_first) and not self._renders(system + user_first):
+            causes.append(f"The template does not accept a system message: {_MODE_HINT}.")
+        if rest and rest[0]["role"] == "assistant" and user_first and self._renders(user_first) \
+                and not self._renders(rest):
+            causes.append("The conversation opens with the counselor (assistant) and this template wants a user "
+                          "turn first: give 01_data a system_prompt and set system_prompt_mode: "
+                          "merge_into_first_user (the system text then opens the conversation as a user turn), "
+                          "or choose a base whose template accepts an assistant turn first (Qwen2.5, "
+                          "llm-jp-3, sarashina2.2 do).")
+        if not causes:
+            causes.append("Check that the conversation alternates user/assistant as this template requires"
+                          + (f", or {_MODE_HINT}" if system else "") + ".")
+        return " ".join([text] + causes)
 
     def render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False) -> str:
         """The chat template's text for these messages (system_prompt_mode applied; only role and
@@ -246,18 +259,28 @@ class ChatEncoder:
             return "merge_into_first_user"
 
     def _probe_position_dependence(self) -> str | None:
-        """None, or why the template renders an earlier assistant turn unlike its generation prompt."""
+        """None, or why the template renders an earlier assistant turn unlike its generation prompt.
+
+        Also sets ``reply_prefix``: text the template puts between the generation prompt and a
+        reply's content (Mistral's " "): generation has to produce it, so it is trained too."""
         probe = [{"role": "user", "content": "相談です。"}, {"role": "assistant", "content": "はい。"},
                  {"role": "user", "content": "続きです。"}, {"role": "assistant", "content": "どうぞ。"}]
         try:
             lay = self.layout(probe, check_generation=False)
-            prompt = self._apply(_clean(probe[:1]), True)
+            prompts = {i: self._apply(_clean(probe[:i]), True) for i in (1, 3)}
         except ChatTemplateError:
             return None          # the shape is refused anyway; examples will say why
-        start = lay.spans[1][0]
-        if lay.text[:start] == prompt:
+        gaps = {}
+        for i, prompt in prompts.items():
+            start = lay.spans[i][0]
+            if lay.text.startswith(prompt) and len(prompt) <= start:
+                gaps[i] = lay.text[len(prompt):start]
+        if 3 in gaps:
+            self.reply_prefix = gaps[3]
+        if gaps.get(1) == gaps.get(3) and 3 in gaps:
             return None
-        return (f"the generation prompt ends with {prompt[-40:]!r} but the template renders an earlier "
+        start = lay.spans[1][0]
+        return (f"the generation prompt ends with {prompts[1][-40:]!r} but the template renders an earlier "
                 f"assistant turn after {lay.text[max(0, start - 40):start]!r} (the last turn alone gets the "
                 "generation prompt's form, e.g. Qwen3's empty think block)")
 
@@ -310,7 +333,12 @@ class ChatEncoder:
                 if cut < 0:
                     raise ChatTemplateError(f"no end-of-turn token {eot!r} after assistant message {i} in the "
                                             f"rendering of {self.name!r}; pass end_of_turn='<token>' explicitly")
-                trained.append((spans[i][0], end))
+                start = spans[i][0] - len(self.reply_prefix)
+                if self.reply_prefix and real[start:spans[i][0]] != self.reply_prefix:
+                    raise ChatTemplateError(
+                        f"the chat template of {self.name!r} does not put {self.reply_prefix!r} before assistant "
+                        f"message {i} as its generation prompt does: training and generation would disagree")
+                trained.append((start, end))
                 trained_messages.append(i)
         if check_generation and trained_messages:
             self._check_generation(clean, real, spans, trained_messages)
@@ -326,8 +354,10 @@ class ChatEncoder:
                 "Use max_length small enough for one exchange per window, mark earlier replies \"weight\": 0, "
                 "or set tokenizer.chat_template to a position-independent template.")
         last = trained_messages[-1]
+        if last == 0:
+            return                      # nothing before it but the template's preamble
         prompt = self._apply(clean[:last], True)
-        if real[:spans[last][0]] != prompt:
+        if real[:spans[last][0] - len(self.reply_prefix)] != prompt:
             raise ChatTemplateError(
                 f"the chat template of {self.name!r} renders the reply to be trained after "
                 f"{real[max(0, spans[last][0] - 40):spans[last][0]]!r}, but the generation prompt ends with "
