@@ -344,3 +344,24 @@ def test_sentencepiece_replies_carry_no_spurious_prefix(base_tokenizers):
     per_piece = tokenizer(messages[2]["content"], add_special_tokens=False)["input_ids"]
     labelled = [t for t, lab in zip(enc.input_ids, enc.labels) if lab != IGNORE_INDEX]
     assert labelled[:len(per_piece)] != per_piece        # the old way would have trained these ids
+
+
+def test_every_base_suggested_in_kokorochat_yaml_works_with_it_as_is(base_tokenizers):
+    """params/kokorochat.yaml suggests Qwen2.5, llm-jp-3 (and sarashina2.2, whose template is not
+    among the fixtures): with that file's system_prompt and system_prompt_mode, the sample's
+    conversation shapes encode on each suggested base."""
+    import yaml
+
+    from kokoro_helpers.paths import resolve
+
+    params = yaml.safe_load(resolve("params/kokorochat.yaml").read_text(encoding="utf-8"))
+    raw = resolve("params/kokorochat.yaml").read_text(encoding="utf-8")
+    assert "llm-jp/llm-jp-3" in raw and "Qwen/Qwen2.5" in raw
+    system = {"role": "system", "content": params["system_prompt"]}
+    for template in ("qwen2.5", "llm-jp-3"):
+        for kind in KINDS:
+            tokenizer = make_tokenizer(base_tokenizers, template, kind)
+            encoder = ChatEncoder(tokenizer, system_prompt_mode=params["system_prompt_mode"])
+            for name in ("system_counselor_first", "system_client_first"):
+                messages = [system] + shape(name)[1:]
+                check_exact(encoder, tokenizer, messages)

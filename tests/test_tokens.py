@@ -338,3 +338,25 @@ def test_cached_file_is_tried_even_when_offline_flag_is_set(tmp_path, monkeypatc
     monkeypatch.setattr(tokens_mod, "_CACHED", {})
     counter = get_token_counter(timeout=5)
     assert calls == [ENCODING] and counter.name == ENCODING
+
+
+@needs_bundled
+def test_windows_are_sized_with_the_counter_that_bills(tmp_path, monkeypatch):
+    """Exact o200k_base counts offline: windows fit max_example_tokens by the exact count."""
+    import tiktoken
+    from kokoro_helpers.data import prepare_data
+
+    monkeypatch.setattr(tokens_mod, "bundled_encoding_file", lambda: BUNDLED)
+    monkeypatch.setattr(tiktoken, "get_encoding", tiktoken.registry.get_encoding)
+    counter = get_token_counter()
+    assert counter.name == ENCODING
+    limit = 400
+    result = prepare_data("embedded", run_dir=tmp_path / "run", max_example_tokens=limit, progress=False,
+                          system_prompt="あなたは心理カウンセラーです。")
+    stats = result.stats
+    assert stats["token_counter"] == ENCODING and stats["windowed_dialogues"] > 0
+    enc = tiktoken.get_encoding(ENCODING)
+    for name in ("train", "valid", "test"):
+        exact = [_openai_rule(e["messages"], enc.encode_ordinary) for e in result.examples[name]]
+        assert exact == result.example_tokens[name] and max(exact) <= limit
+    assert stats["max_example_tokens_seen"] <= limit and not stats["format_errors"]
