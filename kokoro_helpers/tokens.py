@@ -235,7 +235,10 @@ def _load_encoding(timeout: float):
     except ImportError:
         return None
     if not check_cached_file() and bundled_encoding_file() is not None:
-        install_encoding_file()
+        try:
+            install_encoding_file()
+        except OSError:          # an unwritable cache folder: no exact counts from it, say so below
+            pass
     box: dict[str, Any] = {}
 
     def target():
