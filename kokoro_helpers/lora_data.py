@@ -350,9 +350,9 @@ class ChatEncoder:
             raise ChatTemplateError(
                 f"the chat template of {self.name!r} renders an assistant turn differently depending on its "
                 f"position: {self.position_dependent}. Training earlier replies in that form would teach "
-                "what generation never shows the model, so only the last reply of an example can be trained. "
-                "Use max_length small enough for one exchange per window, mark earlier replies \"weight\": 0, "
-                "or set tokenizer.chat_template to a position-independent template.")
+                "what generation never shows the model, so only the last reply of an example can be trained "
+                "(encode_examples does this: one window per reply, earlier exchanges as context), or mark "
+                "earlier replies \"weight\": 0, or set tokenizer.chat_template to a position-independent template.")
         last = trained_messages[-1]
         if last == 0:
             return                      # nothing before it but the template's preamble
@@ -502,6 +502,8 @@ def window_example(messages: Sequence[dict[str, Any]], encoder: ChatEncoder, max
     real encoding instead.
     """
     msgs = [dict(m, **{_SRC: i}) for i, m in enumerate(messages)]
+    if encoder.position_dependent:
+        return _one_reply_windows(msgs, encoder, max_length, source)
     costs, preamble, total = encoder.costs(msgs)
     if total <= max_length:
         return [msgs], []
@@ -524,6 +526,44 @@ def window_example(messages: Sequence[dict[str, Any]], encoder: ChatEncoder, max
         if part:
             windows.extend(_fit_windows(msgs[:head], [msgs[i] for i in part], costs, preamble,
                                         encoder, max_length, source, dropped))
+    return windows, dropped
+
+
+def _one_reply_windows(msgs: list[dict[str, Any]], encoder: ChatEncoder, max_length: int, source: int,
+                       context_fraction: float = 0.25) -> tuple[list[list[dict[str, Any]]], list[Dropped]]:
+    """For templates that render the last reply unlike earlier ones (Qwen3): one window per trained
+    reply, ending on it, as generation sees it; earlier exchanges come first as context (replies
+    ``weight: 0``), as many as fit in ``context_fraction`` of max_length. Costs more tokens than
+    ordinary windows, but every reply is trained in exactly the form generation produces."""
+    head = 1 if msgs and msgs[0]["role"] == "system" else 0
+    units = _exchanges(msgs, head)
+    costs = encoder.costs(msgs)[0] if len(units) > 1 else [0] * len(msgs)
+    windows: list[list[dict[str, Any]]] = []
+    dropped: list[Dropped] = []
+    for k, unit in enumerate(units):
+        if msgs[unit[-1]].get("weight", 1) == 0:
+            continue
+        ctx: list[int] = []
+        budget = int(max_length * context_fraction)
+        used = 0
+        for j in range(k - 1, -1, -1):
+            c = sum(costs[i] for i in units[j])
+            if used + c > budget:
+                break
+            ctx = units[j] + ctx
+            used += c
+        while True:
+            window = [dict(m) for m in msgs[:head]]
+            window += [dict(msgs[i], weight=0) if msgs[i]["role"] == "assistant" else dict(msgs[i]) for i in ctx]
+            window += [dict(msgs[i]) for i in unit]
+            n = len(encoder.encode(window))
+            if n <= max_length:
+                windows.append(window)
+                break
+            if not ctx:
+                dropped.append(Dropped(source, unit, n))
+                break
+            ctx = ctx[len(_exchanges([msgs[i] for i in ctx], 0)[0]):]   # drop the oldest context exchange
     return windows, dropped
 
 

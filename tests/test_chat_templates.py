@@ -304,6 +304,15 @@ def test_qwen3_trains_what_generation_sees(base_tokenizers):
     assert labelled == messages[-1]["content"] + "<|im_end|>"
     with pytest.raises(ChatTemplateError, match="only the last reply"):
         encoder.encode(shape("system_client_first"))
+    # encode_examples trains every reply anyway: one window per reply, earlier ones as context
+    messages = shape("system_client_first") + [{"role": "user", "content": ASKS[2]},
+                                               {"role": "assistant", "content": REPLIES[3]}]
+    items, report = encode_examples([{"messages": messages}], encoder, max_length=4096)
+    assert report.dropped == [] and [e.trained_turns for e in items] == [[2], [4], [6]]
+    windows, _ = window_example(messages, encoder, 4096)
+    for w in windows:
+        check_exact(encoder, tokenizer, w)
+        assert w[-1]["content"] == messages[len(w) - 1]["content"] and w[-1].get("weight", 1) != 0
 
 
 def test_auto_mode_keeps_or_merges_by_what_the_template_does(base_tokenizers):
