@@ -37,8 +37,10 @@ TOKENS_PER_NAME = 1     # a message's `name` costs its tokens + 1 (OpenAI's num_
 ENCODING_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
 
 # Estimate without the encoding file, calibrated against exact o200k_base counts of Japanese chat
-# (benchmarks/bench_data.py's full-size synthetic corpus, see README): tokens per non-ASCII
-# character, ~1 per 4 ASCII characters, and one token per role name (as in o200k_base).
+# (benchmarks/bench_data.py's full-size synthetic corpus; scripts/calibrate_token_estimate.py
+# measures it: -0.3% there): tokens per non-ASCII character, ~1 per 4 ASCII characters, and one
+# token per role name (as in o200k_base). KokoroChat's own text is a little less dense
+# (0.681 tokens/char, KOKOROCHAT.md), so there the estimate runs ~5% high: a labelled upper side.
 EST_NON_ASCII = 0.71
 EST_ASCII = 0.25
 EST_ROLE = 1
