@@ -29,6 +29,16 @@ class NetworkAttempt(AssertionError):
     """Raised by the stand-ins for every download path: a test must never touch the network."""
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _offline_session(tmp_path_factory):
+    """The same for session- and module-scoped fixtures (they run before `offline`): no bundled
+    o200k_base file, and tiktoken's cache in a temporary folder, never the machine's own."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tokens_mod, "bundled_encoding_file", lambda: None)
+        mp.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path_factory.mktemp("tiktoken-session-cache")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def offline(monkeypatch, tmp_path_factory):
     """No test may download anything: tiktoken's fetch raises, its cache is an empty folder."""
