@@ -31,6 +31,7 @@ TEMPLATES = {
     "llama-3.1": ("<|begin_of_text|>", "<|eot_id|>",
                   ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]),
     "gemma-2": ("<bos>", "<eos>", ["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"]),
+    "gemma-3": ("<bos>", "<eos>", ["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"]),
     "phi-3.5": ("<s>", "<|endoftext|>", ["<s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]),
     "phi-4": (None, "<|im_end|>", ["<|im_start|>", "<|im_sep|>", "<|im_end|>"]),
     "llm-jp-3": ("<s>", "</s>", ["<s>", "</s>"]),
@@ -148,6 +149,9 @@ def expected_refusal(template: str, shape_name: str, mode: str) -> str | None:
     if template == "gemma-2":
         if keeps_system:
             return "does not accept a system message"
+        if counselor_first and not (has_system and mode == "merge_into_first_user"):
+            return "wants a user turn first"
+    if template == "gemma-3":       # the system text joins the first turn, which must be the user's
         if counselor_first and not (has_system and mode == "merge_into_first_user"):
             return "wants a user turn first"
     if template == "mistral-7b-instruct-v0.2":
@@ -318,7 +322,7 @@ def test_qwen3_trains_what_generation_sees(base_tokenizers):
 def test_auto_mode_keeps_or_merges_by_what_the_template_does(base_tokenizers):
     picks = {t: ChatEncoder(make_tokenizer(base_tokenizers, t, "byte_level"), system_prompt_mode="auto").system_prompt_mode
              for t in TEMPLATES}
-    assert picks["qwen2.5"] == picks["llama-3.1"] == picks["granite-3.3"] == "keep"
+    assert picks["qwen2.5"] == picks["llama-3.1"] == picks["granite-3.3"] == picks["gemma-3"] == "keep"
     assert picks["gemma-2"] == picks["llm-jp-3"] == picks["mistral-v3-tokenizer"] == "merge_into_first_user"
 
 
