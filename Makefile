@@ -21,11 +21,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m kokoro_helpers.tokens install
 	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (kokoro .venv)" >/dev/null
 	@touch $@
 	@echo "set up $(VENV) (torch: $(TORCH_SPEC)); kernel '$(KERNEL)' runs $(abspath $(PY))"
 
-setup: $(STAMP)  ## create .venv: torch ($(TORCH_SPEC), override with TORCH_SPEC=...), the package editable with dev extras, the Jupyter kernel
+setup: $(STAMP)  ## create .venv: torch ($(TORCH_SPEC), override with TORCH_SPEC=...), the package editable with dev extras, the o200k_base file (hash-checked), the Jupyter kernel
 
 report: $(STAMP)  ## run every notebook with PARAMS (+ SET="key=value ...") via papermill into reports/<run>/ (+ HTML, index.html)
 	$(REPORT)

@@ -65,6 +65,10 @@ class SeedsFigures:
 
 SEEDS = SeedsFigures()
 
+# The release's converted chat examples with message overhead, o200k_base, measured with the
+# genuine encoding file (../shared/KOKOROCHAT.md): the quoted 11.62 M is the utterance text alone.
+RELEASE_TOKENS_WITH_OVERHEAD = {"with system prompt": 13_814_682, "without": 13_544_533}
+
 
 class CostReportError(RuntimeError):
     """A missing input of 05_cost; the message says which notebook writes it."""
@@ -553,7 +557,7 @@ def inference_table(rows: Sequence[Mapping[str, Any]]):
 # =================================================================================================
 
 def seeds_comparison(prices: PriceTable, base_model: str = DEFAULT_BASE_MODEL,
-                     seeds: SeedsFigures = SEEDS) -> dict[str, Any]:
+                     seeds: SeedsFigures = SEEDS, stats: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The seeds' estimate (11.62 M tokens × 10 epochs at $0.40/1M) beside the same tokens and
     epochs at the training price of `base_model`. Their inference figure is carried over as stated
     (they give no workload to re-derive it from); the measured one is in the inference section."""
@@ -573,7 +577,23 @@ def seeds_comparison(prices: PriceTable, base_model: str = DEFAULT_BASE_MODEL,
                 f"{prices.as_of}), {ratio:.1f} times as much: training is about {fmt_jpy(corrected.jpy)} "
                 f"({fmt_usd(corrected.usd)}), not {fmt_jpy(seeds.training_jpy)}, and the total about "
                 f"{fmt_jpy(total)}, not {fmt_jpy(seeds.total_jpy)}.")
+    # the seeds' token figure was low too: it leaves out the message overhead OpenAI bills
+    this_run = dict((stats or {}).get("tokens") or {})
+    counter_name = str((stats or {}).get("token_counter") or "unknown counter")
+    release = RELEASE_TOKENS_WITH_OVERHEAD
+    tokens_sentence = (f"The quoted {seeds.tokens / 1e6:.2f} M tokens are the utterance text alone; with message "
+                       f"overhead (3 + 1 role token per message, +3 per example) the release's examples are "
+                       f"{release['with system prompt'] / 1e6:.2f} M o200k_base tokens "
+                       f"({release['without'] / 1e6:.2f} M without a system prompt).")
+    if this_run:
+        tokens_sentence += (" This run's data: " + ", ".join(f"{k} {v:,}" for k, v in this_run.items())
+                            + f" = {sum(this_run.values()):,} tokens ({counter_name}).")
+    sentence += " " + tokens_sentence
     return {
+        "tokens_with_overhead": {"quoted_text_only": seeds.tokens, "release_measured": dict(release),
+                                 "this_run": this_run, "this_run_total": sum(this_run.values()),
+                                 "token_counter": counter_name if this_run else None,
+                                 "sentence": tokens_sentence},
         "seeds": {"tokens": seeds.tokens, "epochs": seeds.epochs, "billed_tokens": billed,
                   "price_per_1m": seeds.price_per_1m, "training_usd": seeds_usd,
                   "training_jpy": seeds.training_jpy, "implied_jpy_per_usd": implied_rate,
@@ -596,6 +616,12 @@ def seeds_table(cmp: Mapping[str, Any]):
     s, c = cmp["seeds"], cmp["corrected"]
     rows = [
         ("tokens (whole corpus)", f"{s['tokens'] / 1e6:.2f} M", f"{s['tokens'] / 1e6:.2f} M", "the seeds' rough figure, kept"),
+        *[(f"tokens with message overhead: {k}", "-", f"{v:,}", f"this run's data/stats.json "
+           f"({cmp['tokens_with_overhead']['token_counter']})")
+          for k, v in (cmp.get("tokens_with_overhead", {}).get("this_run") or {}).items()],
+        *[(f"tokens with message overhead: release, {k}", "-", f"{v / 1e6:.2f} M",
+           "measured with o200k_base: the quoted figure leaves out message overhead")
+          for k, v in (cmp.get("tokens_with_overhead", {}).get("release_measured") or {}).items()],
         ("epochs", s["epochs"], c["epochs"], ""),
         ("billed training tokens", f"{s['billed_tokens']:,}", f"{c['billed_tokens']:,}", "epochs × tokens"),
         ("price per 1M training tokens", f"${s['price_per_1m']:.2f}", f"${c['price_per_1m']:.2f}",
@@ -1041,7 +1067,7 @@ def build_summary(run_dir: str | Path = "runs/default", prices_file: str | Path 
               "what_if_epochs": list(what_if_epochs), "local_tokens_per_s": local_tokens_per_s}
     path = write_summary(run_dir, inputs, training, base_model=base, actual=actual_costs(inputs),
                          workload=workload, inference=inference, local=local,
-                         seeds=seeds_comparison(inputs.prices), what_if_frame=frame,
+                         seeds=seeds_comparison(inputs.prices, stats=inputs.stats), what_if_frame=frame,
                          window=service_window(inputs.prices, base, today), parameters=params)
     return path, json.loads(path.read_text(encoding="utf-8"))
 

@@ -756,7 +756,9 @@ def render_prompt(tokenizer, messages: Messages) -> str:
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("this tokenizer has no chat template: use an instruct/chat model, or the tokenizer saved "
                          "with the adapter (02 saves the template it trained with)")
-    return tokenizer.apply_chat_template(clean_messages(messages), tokenize=False, add_generation_prompt=True)
+    from .lora_data import chat_template_kwargs   # the same switches training rendered with (Qwen3: no thinking)
+    return tokenizer.apply_chat_template(clean_messages(messages), tokenize=False, add_generation_prompt=True,
+                                         **chat_template_kwargs(tokenizer))
 
 
 def encode_prompt(tokenizer, messages: Messages) -> list[int]:

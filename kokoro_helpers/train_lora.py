@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from . import cards
-from .lora_data import (IGNORE_INDEX, ChatEncoder, ChatTemplateError, DataReport, EncodedExample, collate, encode_examples,
+from .lora_data import (IGNORE_INDEX, SYSTEM_PROMPT_MODES, ChatEncoder, ChatTemplateError, DataReport, EncodedExample, collate, encode_examples,
                         length_grouped_batches, random_batches, sorted_batches)
 from .jsonio import file_sha256, read_jsonl
 from .paths import portable, resolve
@@ -86,6 +86,7 @@ class LoraTrainConfig:
     learning_rate: float = 5e-3
     max_length: int = 1024
     local_run_name: str = "lora-tiny"
+    system_prompt_mode: str = "keep"      # keep | merge_into_first_user | drop | auto (lora_data.apply_system_prompt_mode)
     # --- trainer settings
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05            # share of the optimizer steps with a linear lr ramp
@@ -107,7 +108,7 @@ class LoraTrainConfig:
 
     NOTEBOOK_NAMES = ("run_dir", "seed", "local_mode", "local_base_model", "lora_r", "lora_alpha",
                       "lora_dropout", "target_modules", "local_epochs", "local_batch_size", "grad_accum",
-                      "learning_rate", "max_length", "local_run_name")
+                      "learning_rate", "max_length", "local_run_name", "system_prompt_mode")
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], **overrides: Any) -> "LoraTrainConfig":
@@ -166,6 +167,8 @@ class LoraTrainConfig:
         check(0.0 <= self.warmup_ratio < 1.0, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         check(self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1 or null, got {self.max_steps}")
         check(bool(str(self.local_run_name).strip()), "local_run_name must not be empty")
+        check(self.system_prompt_mode in SYSTEM_PROMPT_MODES,
+              f"system_prompt_mode must be one of {SYSTEM_PROMPT_MODES}, got {self.system_prompt_mode!r}")
         check(bool(str(self.local_base_model).strip()), "local_base_model must not be empty")
 
     @classmethod
@@ -476,7 +479,7 @@ class LoraRun:
         with acc.main_process_first():      # one process builds / downloads, the others then read
             self.base_path = resolve_base_model(cfg.local_base_model, progress=cfg.progress and self.is_main)
             self.tokenizer, self.base_model = self._load_base()
-        self.encoder = ChatEncoder(self.tokenizer)
+        self.encoder = ChatEncoder(self.tokenizer, system_prompt_mode=cfg.system_prompt_mode)
         self.items: dict[str, list[EncodedExample]] = {}
         self.reports: dict[str, DataReport] = {}
         for split in ("train", "valid"):

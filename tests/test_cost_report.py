@@ -17,11 +17,11 @@ import yaml
 from kokoro_helpers import cards, cost_report
 from kokoro_helpers.cost_report import CostReportError
 from kokoro_helpers.data import prepare_data
-from kokoro_helpers.tokens import get_token_counter
+from kokoro_helpers.tokens import ESTIMATE_NAME, get_token_counter
 
 ROOT = Path(__file__).resolve().parents[1]
 MINI = "gpt-4o-mini-2024-07-18"
-EST = "estimate:0.6/non-ASCII char+0.25/ASCII char (no o200k_base file)"
+EST = ESTIMATE_NAME
 
 
 class CharEncoding:
@@ -201,6 +201,21 @@ def test_the_seeds_figures_beside_the_corrected_ones():
     assert sentence.count(".") >= 1 and "\n" not in sentence
     table = cost_report.seeds_table(cmp)
     assert table.loc["total (JPY)", "seeds"] == "¥7,914" and table.loc["total (JPY)", "corrected"] == "¥55,124"
+    assert "13.81 M o200k_base tokens" in sentence and "utterance text alone" in sentence
+
+
+def test_the_quoted_tokens_beside_this_runs_true_total_per_split(embedded_run):
+    from kokoro_helpers.prices import load_prices
+    stats = _stats(embedded_run)
+    cmp = cost_report.seeds_comparison(load_prices(), stats=stats)
+    tw = cmp["tokens_with_overhead"]
+    assert tw["this_run"] == stats["tokens"] and tw["this_run_total"] == sum(stats["tokens"].values())
+    assert tw["quoted_text_only"] == 11_620_000 and tw["token_counter"] == stats["token_counter"]
+    for name, n in stats["tokens"].items():
+        assert f"{name} {n:,}" in cmp["sentence"]
+        assert cost_report.seeds_table(cmp).loc[f"tokens with message overhead: {name}", "corrected"] == f"{n:,}"
+    _, summary = cost_report.build_summary(embedded_run, n_epochs=10)
+    assert summary["seeds"]["tokens_with_overhead"]["this_run"] == stats["tokens"]
 
 
 # --------------------------------------------------------------------------- local LoRA

