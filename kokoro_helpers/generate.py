@@ -1167,23 +1167,26 @@ class _DeltaStreamer:
 def stream_generate(model, tokenizer, messages: Messages, max_new_tokens: int = 256, temperature: float = 0.0,
                     top_p: float | None = None, seed: int | None = None, *, min_new_tokens: int | None = None,
                     stop_tokens: Iterable[str] = (), details: dict[str, Any] | None = None,
-                    timeout_s: float | None = 600.0) -> Iterator[str]:
+                    timeout_s: float | None = 600.0, cancel: threading.Event | None = None) -> Iterator[str]:
     """The reply's text, yielded piece by piece as tokens are generated (``model.generate`` runs in a
     thread with a streamer). Joined, the pieces equal :func:`generate`'s reply for the same
     settings. Closing the iterator early stops generation at the next token. ``details``, when
     given, is filled at the end with ``prompt_tokens``, ``completion_tokens``, ``finish_reason``
-    and ``dropped_messages``."""
+    and ``dropped_messages``. ``cancel``: an event that, once set (e.g. by a server whose client went
+    away), stops generation at the next token as closing does."""
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     prep = _prepare(model, tokenizer, [messages], max_new_tokens, temperature, top_p, min_new_tokens, stop_tokens)
     streamer = _DeltaStreamer(tokenizer, prep.stop_ids)
+    external = cancel
     cancel = threading.Event()
     failure: list[BaseException] = []
 
     class _Cancelled(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
-            return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+            stop = cancel.is_set() or (external is not None and external.is_set())
+            return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
     ids, mask = _left_pad(prep.prompts, prep.pad_id, prep.device)
 
