@@ -487,15 +487,20 @@ def create_app(model: LocalModel | Any, *, run_dir: str | Path = DEFAULT_RUN_DIR
             return StreamingResponse(_sse(job, req, rid, now, fingerprint, truncation), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
         parts: list[str] = []
+        checked = time.monotonic()
         try:
             while True:
                 try:
                     kind, value = await asyncio.wait_for(job.queue.get(), 0.2)
                 except asyncio.TimeoutError:
+                    kind = None
+                if kind is None or time.monotonic() - checked > 0.2:
+                    checked = time.monotonic()
                     if await request.is_disconnected():     # nobody waits for this reply: stop generating it
                         job.cancel.set()
                         return Response(status_code=499)
-                    continue
+                    if kind is None:
+                        continue
                 if kind == "delta":
                     parts.append(value)
                 elif kind == "error":
