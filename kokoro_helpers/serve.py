@@ -14,10 +14,26 @@ ending with ``data: [DONE]``). The official client works unchanged::
 
 and 03_eval evaluates through it (``extra_endpoints=[{"base_url": ..., "model": "lora-tiny"}]``).
 A malformed request gets a 4xx with an OpenAI-style body ``{"error": {"message", "type",
-"param", "code"}}``. One model instance answers one request at a time (a lock; requests queue);
-for high-throughput serving use vLLM's OpenAI-compatible server on the same adapter folder
-(:func:`vllm_command`). The server binds to 127.0.0.1 by default and has no authentication
-unless ``--api-key-env VAR`` names an environment variable holding a key.
+"param", "code"}}``. One model instance answers one request at a time (requests queue; past
+``--max-queue`` waiting ones: 429 with ``Retry-After``); for high-throughput serving use vLLM's
+OpenAI-compatible server on the same adapter folder (:func:`vllm_command`).
+
+- **No request stalls the model.** The prompt is fitted into the context before the model's lock
+  is taken, in linear time; one that does not fit gets 400 ``context_length_exceeded`` unless the
+  request sends ``"truncation": "auto"`` (or the server runs with ``--truncation auto``): then the
+  oldest turns go and the reply's ``truncation`` field (and ``X-Prompt-Truncated``) say so. A
+  client that disconnects, streaming or not, stops its generation at the next token; SIGTERM
+  cancels running generations and exits within seconds.
+- **Limits** (:class:`Limits`, each a CLI option): body size, messages per request, characters
+  per message, ``max_tokens`` against the context, queue length.
+- **Browser safety.** Only ``application/json`` bodies (415 otherwise), only loopback Host names
+  (plus ``--host``/``--allowed-hosts``: a guard against DNS rebinding), no CORS unless
+  ``--cors-origin``. The server binds to 127.0.0.1 by default and has no authentication unless
+  ``--api-key-env VAR`` names an environment variable holding a key (compared in constant time;
+  ``/docs`` and ``/openapi.json`` then need it too).
+- Sampling fields it cannot honour (``presence_penalty``, ``frequency_penalty``, ``logit_bias``,
+  ``logprobs``...) get a 400 naming them unless they hold their no-op value; ``user``,
+  ``metadata``, ``store``... are accepted and ignored.
 """
 
 import argparse

@@ -228,6 +228,20 @@ def test_cli_serves_an_adapter_folder(adapter):
         resp = client.chat.completions.create(model="lora-serve", messages=MESSAGES, max_tokens=5)
         assert resp.choices[0].finish_reason in ("stop", "length")
         assert post(type("S", (), {"url": f"http://127.0.0.1:{port}"}), {"model": "lora-serve"}).status_code == 400
+        # SIGTERM while a long reply streams: the generation is cancelled and the server exits at once
+        events: list[str] = []
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60,
+                          json={"model": "lora-serve", "messages": MESSAGES, "max_tokens": 4000, "stream": True,
+                                "temperature": 1.0, "seed": 3}) as r:
+            lines = r.iter_lines()
+            events.append(next(lines))                    # the role chunk: generation has begun
+            proc.terminate()
+            try:
+                events += [line for line in lines if line]
+            except httpx.TransportError:
+                pass
+        assert proc.wait(30) in (0, -15)                  # uvicorn re-raises SIGTERM after a clean shutdown
+        assert len(events) < 4000 and not any('"finish_reason": "length"' in e for e in events)
     finally:
         proc.terminate()
         try:
