@@ -207,3 +207,18 @@ def test_score_restart_reopen_and_resume_then_chat_streams(lab, page):
     assert chat.locator("textarea").input_value() == ""
     if os.environ.get("KOKORO_BROWSER_SHOTS"):
         page.screenshot(path=os.path.join(os.environ["KOKORO_BROWSER_SHOTS"], "chat.png"), full_page=True)
+
+    # the HTML report of the saved notebook (as `make report` renders it): both notes, no blank widget
+    page.evaluate("() => window.jupyterapp.commands.execute('docmanager:save')")
+    from kokoro_helpers.report import render_html
+    deadline = time.monotonic() + 30
+    while "run this cell to chat" not in (lab["folder"] / "widgets.ipynb").read_text(encoding="utf-8"):
+        assert time.monotonic() < deadline, "the notebook was not saved"
+        time.sleep(0.2)
+    html_path = render_html(lab["folder"] / "widgets.ipynb")
+    page.goto(html_path.as_uri())
+    notes = page.locator(".kokoro-offline-note")
+    expect(notes).to_have_count(2)
+    expect(notes.nth(0)).to_contain_text("run this cell to score")
+    expect(notes.nth(1)).to_contain_text("run this cell to chat")
+    expect(page.locator(".jp-OutputArea-output.jupyter-widgets").first).to_be_hidden()
