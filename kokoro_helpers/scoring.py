@@ -57,6 +57,7 @@ CONTEXT_SHOWN = 2
 #: Below this many scores of a model × criterion the summary shows the count and the mean only
 #: (no interval, NaN): with one or two scores a t-interval runs far outside 0..5.
 MIN_SCORES_FOR_INTERVAL = 5
+CONTEXT_MAX_PX, REPLY_MAX_PX = 240, 220     # taller texts scroll inside their block
 
 #: Criteria presets: key -> label shown to raters. "default" is the seeds' three criteria.
 CRITERIA_PRESETS: dict[str, dict[str, str]] = {
@@ -514,8 +515,8 @@ class ScoringWidget:
             self._reference.value = chat_html([{"role": "assistant", "content": ref}],
                                               title="参照応答: 実際のカウンセラー (reference)") if ref else \
                 "<p><i>参照応答なし (no reference)</i></p>"
-            self._response.value = chat_html([{"role": "assistant", "content": item["response"]}],
-                                             title="評価する応答 (reply to score)")
+            self._response.value = _scrolling(chat_html([{"role": "assistant", "content": item["response"]}],
+                                                        title="評価する応答 (reply to score)"), REPLY_MAX_PX)
             prev = self._latest.get(self.current_key)
             for key, c in self._controls.items():
                 value = (prev or {}).get("scores", {}).get(key)
@@ -604,7 +605,12 @@ def context_html(context: Sequence[Mapping[str, Any]], shown: int = CONTEXT_SHOW
     if early:
         out += (f"<details><summary>これまでの会話 — 前の {len(early)} 件を表示 "
                 f"(show {len(early)} earlier message(s))</summary>{chat_html(early)}</details>")
-    return out + chat_html(late, title=None if early else "これまでの会話 (context)")
+    return _scrolling(out + chat_html(late, title=None if early else "これまでの会話 (context)"), CONTEXT_MAX_PX)
+
+
+def _scrolling(inner: str, max_px: int) -> str:
+    """A block at most ``max_px`` high that scrolls inside (long texts keep the form on screen)."""
+    return f"<div style='max-height:{int(max_px)}px;overflow-y:auto'>{inner}</div>"
 
 
 # --------------------------------------------------------------------------- demo scores

@@ -813,7 +813,10 @@ def _server(config):
 
 
 def serve_in_thread(model: LocalModel | Any, host: str = LOOPBACK, port: int = 0, **app_kwargs: Any) -> ServerThread:
-    """Start the server for ``model`` in a background thread; returns the started ServerThread."""
+    """Start the server for ``model`` in a background thread; returns the started ServerThread.
+    A non-wildcard ``host`` is added to the Host names the server answers."""
+    if host not in ("0.0.0.0", "::", "") and "allowed_hosts" not in app_kwargs:
+        app_kwargs["allowed_hosts"] = [host]
     return ServerThread(create_app(model, **app_kwargs), host=host, port=port).start()
 
 

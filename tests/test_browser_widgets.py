@@ -35,8 +35,10 @@ PIECES = ["最近", "眠れない", "のですね。", "お話を", "聞かせ�
 
 SCORE_CELL = """\
 from kokoro_helpers.scoring import ScoringWidget
-items = [{"item_id": f"item-{i}", "model": m, "context": [{"role": "user", "content": f"相談{i}です。"}],
-          "reference": "参照の応答です。", "response": f"{m} の応答 {i}"} for i in range(3) for m in ("x", "y")]
+context = [{"role": ("user", "assistant")[k % 2], "content": f"発話{k}。" + "長い話です。" * 60} for k in range(7)]
+items = [{"item_id": f"item-{i}", "model": m, "context": context + [{"role": "user", "content": f"相談{i}です。"}],
+          "reference": "参照の応答です。" * 20, "response": f"{m} の応答 {i}。" + "丁寧な返答です。" * 80}
+         for i in range(3) for m in ("x", "y")]
 ScoringWidget(items, STORE, "browser")"""
 
 CHAT_CELL = f"""\
@@ -156,7 +158,10 @@ def test_score_restart_reopen_and_resume_then_chat_streams(lab, page):
     for i, score in enumerate((4, 3, 5)):
         rows.nth(i).locator("button", has_text=str(score)).click()
         expect(rows.nth(i).locator("button.mod-primary")).to_have_text(f"✔ {score}")
-    # the reply to score and the submit button are on screen without scrolling (1000-px window)
+    # long texts: the reply to score and the submit button are on screen without scrolling (1000-px
+    # window); the earlier context is collapsed and opens on a click
+    earlier = form.locator("details summary")
+    expect(earlier).to_contain_text("6")
     submit = form.locator("button.kokoro-primary")
     box = submit.bounding_box()
     assert box is not None and box["y"] + box["height"] <= 1000

@@ -453,3 +453,11 @@ def test_with_a_key_docs_are_behind_it_too_and_the_banner_says_how_to_pass_it(lm
     text = serve.banner(app, "127.0.0.1", 8000, "KOKORO_KEY", {"device": "cpu", "dtype": "float32"})
     assert "api_key=os.environ['KOKORO_KEY']" in text and "EMPTY" not in text
     assert "api_key='EMPTY'" in serve.banner(app, "127.0.0.1", 8000, None, {"device": "cpu", "dtype": "float32"})
+
+
+def test_cli_refuses_impossible_limits(tmp_path, capsys):
+    assert serve.main(["--model", str(tmp_path / "nope"), "--max-messages", "0"]) == 2
+    assert "--max-messages must be at least 1" in capsys.readouterr().err
+    assert serve.main(["--model", str(tmp_path / "nope"), "--max-queue", "-1"]) == 2
+    with pytest.raises(SystemExit):
+        serve.main(["--model", "x", "--truncation", "sometimes"])
