@@ -504,12 +504,16 @@ def create_app(model: LocalModel | Any, *, run_dir: str | Path = DEFAULT_RUN_DIR
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
         parts: list[str] = []
         checked = time.monotonic()
+        getter: asyncio.Future | None = None
         try:
             while True:
-                try:
-                    kind, value = await asyncio.wait_for(job.queue.get(), 0.2)
-                except asyncio.TimeoutError:
-                    kind = None
+                if getter is None:
+                    getter = asyncio.ensure_future(job.queue.get())
+                done, _ = await asyncio.wait({getter}, timeout=0.2)
+                kind = value = None
+                if getter in done:
+                    kind, value = getter.result()
+                    getter = None
                 if kind is None or time.monotonic() - checked > 0.2:
                     checked = time.monotonic()
                     if await request.is_disconnected():     # nobody waits for this reply: stop generating it
@@ -528,6 +532,8 @@ def create_app(model: LocalModel | Any, *, run_dir: str | Path = DEFAULT_RUN_DIR
                     break
         finally:
             job.cancel.set()
+            if getter is not None:
+                getter.cancel()
         text, stopped = apply_stop("".join(parts), req["stop"])
         details = job.details
         finish = "stop" if stopped else details.get("finish_reason", "stop")
@@ -651,7 +657,7 @@ class _Job:
                 seconds = time.monotonic() - t0
             finally:
                 lock.release()
-            self._post(("end", None))
+            self._post(("cancelled", None) if self.app.state.closing.is_set() else ("end", None))
         except Exception as exc:  # reported to the client
             self._post(("error", exc))
         finally:

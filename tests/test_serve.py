@@ -242,6 +242,7 @@ def test_cli_serves_an_adapter_folder(adapter):
                 pass
         assert proc.wait(30) in (0, -15)                  # uvicorn re-raises SIGTERM after a clean shutdown
         assert len(events) < 4000 and not any('"finish_reason": "length"' in e for e in events)
+        assert events[-2:] == [events[-2], "data: [DONE]"] and "server_shutting_down" in events[-2], events[-3:]
     finally:
         proc.terminate()
         try:
