@@ -195,6 +195,15 @@ def test_score_restart_reopen_and_resume_then_chat_streams(lab, page):
     form.locator("text=採点済み (scored) 1 / 6").wait_for()
     expect(page.locator(".kokoro-offline-note:visible")).to_have_count(0)
     assert len(_scores(lab)) == 1
+    # Ctrl+Enter with the focus on a score button submits too, and JupyterLab does not re-run the cell
+    rows = form.locator(".widget-hbox:has(> .widget-hbox > button.widget-button)")
+    for i, score in enumerate((1, 2, 0)):
+        rows.nth(i).locator("button", has_text=str(score)).click()
+        expect(rows.nth(i).locator("button.mod-primary")).to_have_text(f"✔ {score}")
+    rows.nth(2).locator("button.mod-primary").press("Control+Enter")
+    form.locator("text=採点済み (scored) 2 / 6").wait_for()
+    assert [r["scores"] for r in _scores(lab)][1] == {"accuracy": 1, "relevance": 2, "expertise": 0}
+    expect(page.locator(".jp-Cell").first.locator(".jp-InputPrompt")).to_contain_text("[1]")
 
     # the chat: Ctrl+Enter sends, and the reply arrives piece by piece
     _run_cell(page, 1)
