@@ -334,7 +334,7 @@ def create_app(model: LocalModel | Any, *, run_dir: str | Path = DEFAULT_RUN_DIR
     the API (none by default: a web page cannot read the answers)."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from fastapi.responses import JSONResponse, Response
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -500,8 +500,8 @@ def create_app(model: LocalModel | Any, *, run_dir: str | Path = DEFAULT_RUN_DIR
         job = _Job(app, lm, fitted, req["adapter"], settings)
         job.start()
         if req["stream"]:
-            return StreamingResponse(_sse(job, req, rid, now, fingerprint, truncation), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
+            return _JobStream(job, _sse(job, req, rid, now, fingerprint, truncation), media_type="text/event-stream",
+                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
         parts: list[str] = []
         checked = time.monotonic()
         getter: asyncio.Future | None = None
@@ -587,6 +587,36 @@ class _HostGuard:
                 await JSONResponse(body, status_code=400)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def _job_stream_class():
+    from starlette.responses import StreamingResponse
+
+    class JobStream(StreamingResponse):
+        """An SSE response that cancels its job however it ends (even when the client went away
+        before the first event, so that the event generator never ran)."""
+
+        def __init__(self, job: "_Job", *args: Any, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            self.job = job
+
+        async def __call__(self, scope, receive, send):
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                self.job.cancel.set()
+
+    return JobStream
+
+
+def _JobStream(job: "_Job", *args: Any, **kwargs: Any):
+    global _JOB_STREAM
+    if _JOB_STREAM is None:
+        _JOB_STREAM = _job_stream_class()
+    return _JOB_STREAM(job, *args, **kwargs)
+
+
+_JOB_STREAM = None
 
 
 def _generation_error(exc: BaseException) -> APIError:

@@ -320,8 +320,8 @@ def test_fitting_runs_outside_the_model_lock(roomy, monkeypatch):
 
 
 def test_abandoned_requests_stop_generating(lm, monkeypatch):
-    """Three clients that give up on long non-streaming replies: their generations are cancelled
-    (at most a few tokens each), so the next request does not wait for them."""
+    """Three clients that give up on long non-streaming replies, and one that hangs up a stream:
+    their generations are cancelled (a few tokens each), so the next request does not wait."""
     import threading
 
     real = gen.stream_generate
@@ -346,6 +346,11 @@ def test_abandoned_requests_stop_generating(lm, monkeypatch):
                            json={"model": "lora-serve", "messages": MESSAGES, "max_tokens": 4000})
         with ThreadPoolExecutor(3) as pool:
             list(pool.map(abandon, range(3)))
+        with httpx.stream("POST", f"{srv.url}/v1/chat/completions", timeout=60, json={
+                "model": "lora-serve", "messages": MESSAGES, "max_tokens": 4000, "stream": True}) as stream:
+            lines = stream.iter_lines()
+            assert next(lines).startswith("data: ") and next(lines) == ""
+            next(lines)                                  # a first delta: generation runs; then hang up
         r = post(srv, {"model": "lora-serve", "messages": MESSAGES, "max_tokens": 8})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
         deadline = time.monotonic() + 30
@@ -353,7 +358,7 @@ def test_abandoned_requests_stop_generating(lm, monkeypatch):
             time.sleep(0.05)
         assert httpx.get(f"{srv.url}/health", timeout=5).json()["queue"] == 0
     abandoned = [run for run in runs if run["max"] == 4000]
-    assert len(runs) - len(abandoned) == 1 and len(abandoned) <= 3        # a queued one may never start
+    assert len(runs) - len(abandoned) == 1 and 1 <= len(abandoned) <= 4   # a queued one may never start
     assert all(run["cancelled"] and run["deltas"] < 4000 for run in abandoned), runs
 
 
