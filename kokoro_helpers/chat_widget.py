@@ -474,10 +474,10 @@ class ChatWidget:
         """The live widget in Jupyter; the conversation as static HTML in exported notebooks
         (papermill/nbconvert outputs carry no widget state)."""
         bundle = dict(self.widget._repr_mimebundle_(include=include, exclude=exclude, **kwargs) or {})
-        bundle["text/plain"] = f"{repr(self)}\n{RUN_TO_CHAT[0]} ({RUN_TO_CHAT[1]})"
+        bundle["text/plain"] = repr(self)
         panes = [self._pane_html("a")] + ([self._pane_html("b")] if self.side_by_side else [])
         cells = "".join(f"<td style='vertical-align:top;width:{100 // len(panes)}%'>{p}</td>" for p in panes)
-        bundle["text/html"] = widget_view.fallback_html("Chat widget", *RUN_TO_CHAT,
+        bundle["text/html"] = widget_view.fallback_html("チャットウィジェット (chat widget)",
                                                         f"<table style='width:100%'><tr>{cells}</tr></table>")
         return bundle
 

@@ -578,10 +578,10 @@ class ScoringWidget:
         """The live widget in Jupyter; a static line in exported HTML (papermill/nbconvert
         outputs carry no widget state)."""
         bundle = dict(self.widget._repr_mimebundle_(include=include, exclude=exclude, **kwargs) or {})
-        bundle["text/plain"] = f"{repr(self)}\n{RUN_TO_SCORE[0]} ({RUN_TO_SCORE[1]})"
+        bundle["text/plain"] = repr(self)
         bundle["text/html"] = widget_view.fallback_html(
-            "Scoring widget", *RUN_TO_SCORE,
-            f"<p>rater {html.escape(self.rater)}: scored {self.progress}</p>")
+            "採点ウィジェット (scoring widget)",
+            f"<p>評価者 (rater) {html.escape(self.rater)}: 採点済み (scored) {self.progress}</p>")
         return bundle
 
     def _ipython_display_(self) -> None:

@@ -6,8 +6,9 @@ a saved notebook, Ctrl/Cmd+Enter, and a 0–5 score row whose choice is unmistak
   found". :func:`show` therefore displays, next to the live widget, a short note ("run this cell
   to score / to chat", in Japanese and English) with a little CSS: while the live widget is on
   the page (it carries the class ``kokoro-live``) the note is hidden; without it the note is
-  shown and JupyterLab's error line is hidden. In an HTML export (nbconvert/``make report``) the
-  widget's own ``text/html`` fallback carries the same words.
+  shown and JupyterLab's error line is hidden. An HTML export (nbconvert/``make report``) and an
+  untrusted notebook (no CSS) show the note too, next to the widget's ``text/html`` fallback (a
+  static summary: progress, or the conversation) where a frontend renders that instead.
 - **Keyboard.** A capture-phase listener sends Ctrl/Cmd+Enter pressed inside a widget to its
   primary button (class ``kokoro-primary``: the chat's send, the scoring form's submit) before
   JupyterLab would run the cell.
@@ -25,8 +26,7 @@ FALLBACK_CLASS = "kokoro-fallback"  # on the text/html fallback (HTML exports)
 NOTE_CLASS = "kokoro-offline-note"
 
 _STYLE = f"""<style>
-.jp-OutputArea:has(.{LIVE_CLASS}) .{NOTE_CLASS}, .jp-Cell-outputArea:has(.{LIVE_CLASS}) .{NOTE_CLASS},
-.jp-OutputArea:has(.{FALLBACK_CLASS}) .{NOTE_CLASS}, .jp-Cell-outputArea:has(.{FALLBACK_CLASS}) .{NOTE_CLASS}
+.jp-OutputArea:has(.{LIVE_CLASS}) .{NOTE_CLASS}, .jp-Cell-outputArea:has(.{LIVE_CLASS}) .{NOTE_CLASS}
   {{display: none}}
 .jp-OutputArea:has(.{NOTE_CLASS}):not(:has(.{LIVE_CLASS})) .jp-OutputArea-output.jupyter-widgets {{display: none}}
 .{NOTE_CLASS} {{border: 1px dashed #999; padding: 6px 10px; color: #333; background: #fafafa}}
@@ -55,10 +55,10 @@ def note_html(ja: str, en: str) -> str:
             f"<small>{html.escape(en)}</small></div>{_SCRIPT}")
 
 
-def fallback_html(title: str, ja: str, en: str, body: str = "") -> str:
-    """The widget's ``text/html`` (what an HTML export shows instead of the live widget)."""
-    return (f"<div class='{FALLBACK_CLASS}'><p><b>{html.escape(title)}</b> — ▶ {html.escape(ja)} "
-            f"<small>({html.escape(en)})</small></p>{body}</div>")
+def fallback_html(title: str, body: str = "") -> str:
+    """The widget's ``text/html``: a static summary for frontends that cannot show the widget
+    (the note next to it says what to do)."""
+    return f"<div class='{FALLBACK_CLASS}'><p><b>{html.escape(title)}</b></p>{body}</div>"
 
 
 def show(obj: Any, ja: str, en: str) -> None:

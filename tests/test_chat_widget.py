@@ -204,5 +204,6 @@ def test_keyboard_send_and_the_reopen_note(models, monkeypatch):
     assert widget_view.PRIMARY_CLASS in w._send_btn._dom_classes          # what Ctrl/Cmd+Enter presses
     w._ipython_display_()
     live, note = shown
-    assert "application/vnd.jupyter.widget-view+json" in live and "run this cell to chat" in live["text/html"]
+    assert "application/vnd.jupyter.widget-view+json" in live and "chat widget" in live["text/html"]
     assert "このセルを実行するとチャットできます" in note["text/html"] and "keydown" in note["text/html"]
+    assert "run this cell to chat" in note["text/html"] and "run this cell to chat" in note["text/plain"]

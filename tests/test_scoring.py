@@ -350,7 +350,7 @@ def test_never_waits_and_displays_without_a_frontend(tmp_path):
     w = ScoringWidget(make_items(), tmp_path, "tanaka")
     bundle = w._repr_mimebundle_()
     assert "application/vnd.jupyter.widget-view+json" in bundle
-    assert "0 / 6" in bundle["text/plain"] and "Scoring widget" in bundle["text/html"]
+    assert "0 / 6" in bundle["text/plain"] and "scoring widget" in bundle["text/html"]
     assert "ScoringWidget(rater='tanaka'" in repr(w)
 
 
@@ -734,7 +734,8 @@ def test_a_reopened_notebook_shows_what_to_do_instead_of_the_widget(tmp_path, mo
     w._ipython_display_()
     live, note = shown
     assert "application/vnd.jupyter.widget-view+json" in live
-    assert "run this cell to score" in live["text/html"] and "run this cell to score" in live["text/plain"]
-    assert widget_view.FALLBACK_CLASS in live["text/html"]
+    assert widget_view.FALLBACK_CLASS in live["text/html"] and "0 / 6" in live["text/html"]
     assert "このセルを実行" in note["text/html"] and widget_view.NOTE_CLASS in note["text/html"]
+    assert "run this cell to score" in note["text/html"] and "run this cell to score" in note["text/plain"]
+    assert "run this cell" not in live["text/html"]             # said once, by the note
     assert widget_view.LIVE_CLASS in w.widget._dom_classes and widget_view.PRIMARY_CLASS in w._submit_btn._dom_classes
