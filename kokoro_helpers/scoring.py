@@ -815,6 +815,28 @@ def summarize(scores_df, criteria: Sequence[str] | None = None, by: Sequence[str
     return frame
 
 
+def summary_table(summary, digits: int = 2):
+    """The summary for people: below ``min_scores_for_interval`` scores a row shows its count and
+    mean only (sd and interval "—"); otherwise the interval as one "low–high" column (within 0–5)."""
+    import pandas as pd
+
+    if not len(summary):
+        return summary
+    min_n = summary.attrs.get("min_scores_for_interval", MIN_SCORES_FOR_INTERVAL)
+    conf = summary.attrs.get("confidence", 0.95)
+    keys = [c for c in summary.columns if c not in SUMMARY_COLUMNS]
+    enough = summary["n"] >= min_n
+    out = summary[[*keys, "criterion", "n"]].copy()
+    out["mean"] = summary["mean"].round(digits)
+    out["sd"] = [f"{sd:.{digits}f}" if ok and not math.isnan(sd) else "—" for sd, ok in zip(summary["sd"], enough)]
+    out[f"{conf:.0%} CI"] = [f"{lo:.{digits}f}–{hi:.{digits}f}" if ok else f"— (n < {min_n})"
+                             for lo, hi, ok in zip(summary["ci_low"], summary["ci_high"], enough)]
+    out["raters"] = summary["n_raters"]
+    if summary["n_demo"].sum():
+        out["demo"] = summary["n_demo"]
+    return pd.DataFrame(out).reset_index(drop=True)
+
+
 def plot_distributions(scores_df, criteria: Sequence[str] | None = None,
                        models: Sequence[str] | None = None, normalize: bool = True):
     """One panel per criterion: how often each score 0..5 was given, one bar colour per model

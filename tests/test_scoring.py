@@ -739,3 +739,18 @@ def test_a_reopened_notebook_shows_what_to_do_instead_of_the_widget(tmp_path, mo
     assert "run this cell to score" in note["text/html"] and "run this cell to score" in note["text/plain"]
     assert "run this cell" not in live["text/html"]             # said once, by the note
     assert widget_view.LIVE_CLASS in w.widget._dom_classes and widget_view.PRIMARY_CLASS in w._submit_btn._dom_classes
+
+
+def test_summary_table_shows_counts_and_means_only_below_the_stated_number(tmp_path):
+    from kokoro_helpers.scoring import summary_table
+    for i, s in enumerate([1, 2, 3, 4, 5]):
+        _write(tmp_path, f"r{i}", "item-000", "A", accuracy=s, relevance=3)
+    _write(tmp_path, "r0", "item-001", "B", accuracy=0, relevance=5)
+    _write(tmp_path, "r1", "item-001", "B", accuracy=5, relevance=5)
+    table = summary_table(summarize(load_scores(tmp_path)))
+    a = table[(table.model == "A") & (table.criterion == "accuracy")].iloc[0]
+    b = table[(table.model == "B") & (table.criterion == "accuracy")].iloc[0]
+    low, high = (float(x) for x in a["95% CI"].split("–"))
+    assert 0 <= low < 3 < high <= 5 and a["sd"] != "—"
+    assert (b.n, b["mean"], b.sd, b["95% CI"]) == (2, 2.5, "—", "— (n < 5)")
+    assert "nan" not in table.to_string().lower()
