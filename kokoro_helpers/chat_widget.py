@@ -14,7 +14,10 @@
   environment or ``.env``).
 - The model picker lists the run's ``local_lora`` cards (and each adapter's base, adapter off,
   as a baseline), plus its OpenAI fine-tuned models when ``OPENAI_API_KEY`` is set.
-- Side by side: two pickers; each model keeps its own conversation.
+- Side by side: two pickers; each model keeps its own conversation. Switching a picker to
+  another model shows that model's conversation (a new one the first time), under its name.
+- Ctrl/Cmd+Enter in the message box sends. A saved notebook opened again shows "run this cell
+  to chat" where the widget was (see :mod:`kokoro_helpers.widget_view`).
 - Nothing waits for a person: building and displaying the widget returns at once, so
   papermill, nbval and ``make report`` run straight through.
 """
@@ -26,10 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+from . import widget_view
 from .display import chat_html
 from .generate import BASE_ADAPTER, DEFAULT_RUN_DIR
 
 LANES = ("a", "b")
+RUN_TO_CHAT = ("このセルを実行するとチャットできます", "run this cell to chat")
 
 
 # =============================================================================== models
@@ -156,6 +161,7 @@ class ChatWidget:
         raw = dict(models) if models is not None else available_models(run_dir, include_openai)
         self.models: dict[str, ChatModel] = {label: _as_chat_model(m, label, run_dir) for label, m in raw.items()}
         self.histories: dict[str, list[dict[str, str]]] = {lane: [] for lane in LANES}
+        self._conversations: dict[tuple[str, str | None], list[dict[str, str]]] = {}   # (lane, model label)
         self.selected: dict[str, str | None] = {"a": None, "b": None}
         self.status = ""
         self.last_error: BaseException | None = None
@@ -232,8 +238,8 @@ class ChatWidget:
         if model is None or model.kind != "local" or model.adapter == BASE_ADAPTER:
             found = next((lb for lb, m in self.models.items() if m.adapter == BASE_ADAPTER), None)
             if found is None:
-                raise KeyError(f"'base' needs a local adapter to switch off; choose from: "
-                               f"{', '.join(self.models) or 'none'}")
+                raise KeyError(f"'base' にはローカルのアダプターが必要です ('base' needs a local adapter to switch "
+                               f"off); choose from: {', '.join(self.models) or 'none'}")
             return found
         for lb, m in self.models.items():           # the registry's entry for this adapter's base
             if m.adapter == BASE_ADAPTER and m.kind == "local" and m.source is not None and m.source == model.source:
@@ -253,7 +259,7 @@ class ChatWidget:
         b = self._label_for(compare_model, a) if compare_model is not None else self.selected["b"]
         if b is None:
             b = next((lb for lb in self.models if lb != a), a)
-        self.selected.update(a=a, b=b)
+        self._choose(a=a, b=b)
         self._syncing = True
         try:
             self._pick_a.value = a
@@ -261,6 +267,16 @@ class ChatWidget:
         finally:
             self._syncing = False
         self._render()
+
+    def _choose(self, **labels: str | None) -> None:
+        """Select models by lane; each (lane, model) keeps its own conversation, so switching
+        the model shows that model's conversation (a new one the first time) under its name."""
+        for lane, label in labels.items():
+            previous = self.selected.get(lane)
+            self._conversations[(lane, previous)] = self.histories[lane]
+            self.selected[lane] = label
+            self.histories[lane] = self._conversations.setdefault((lane, label), [] if previous != label
+                                                                  else self.histories[lane])
 
     def context(self, text: str, lane: str = "a") -> list[dict[str, str]]:
         """What the model is sent for ``text``: system prompt, the last ``history_turns``
@@ -294,7 +310,7 @@ class ChatWidget:
         return a, b
 
     def reset(self) -> None:
-        """Forget both conversations (the models stay loaded)."""
+        """Forget the conversations shown (the models stay loaded)."""
         for lane in LANES:
             self.histories[lane].clear()
         self.last_error = None
@@ -314,13 +330,13 @@ class ChatWidget:
 
     def _ask_lanes(self, text: str, lanes: Sequence[str]) -> tuple[str, ...]:
         if not self.models:
-            raise RuntimeError("no model to talk to: train a local LoRA adapter with 02_finetune (Part B), or pass "
-                               "models={label: function or folder}")
+            raise RuntimeError("話す相手のモデルがありません (no model to talk to): train a local LoRA adapter with "
+                               "02_finetune (Part B), or pass models={label: function or folder}")
         replies = []
         for lane in lanes:
             label = self.selected[lane]
             if label is None:
-                raise RuntimeError("choose a model in the picker first")
+                raise RuntimeError("先にモデルを選んでください (choose a model in the picker first)")
             model = self.models[label]
             context = self.context(text, lane)
             history = self.histories[lane]
@@ -368,7 +384,8 @@ class ChatWidget:
         self._side = W.Checkbox(value=False, description="並べて比較 (side by side)", indent=False)
         self._input = W.Textarea(placeholder="相談者としてメッセージを入力 (type as the client)…",
                                  layout=W.Layout(width="100%", height="64px"))
-        self._send_btn = W.Button(description="送信 (send)", button_style="primary", icon="paper-plane")
+        self._send_btn = W.Button(description="送信 (send)", button_style="primary", icon="paper-plane",
+                                  tooltip="Ctrl/Cmd+Enter")
         self._reset_btn = W.Button(description="リセット (reset)", icon="refresh")
         self._chat = {lane: W.HTML() for lane in LANES}
         self._status = W.HTML()
@@ -381,7 +398,9 @@ class ChatWidget:
         self._panes = W.HBox([self._chat["a"], self._chat["b"]])
         self.widget = W.VBox([
             W.HBox([self._pick_a, self._pick_b]), self._side, self._panes, self._input,
-            W.HBox([self._send_btn, self._reset_btn]), self._status])
+            W.HBox([self._send_btn, self._reset_btn,
+                    W.HTML("<small style='color:#666'>Ctrl/Cmd+Enter: 送信 (send)</small>")]), self._status])
+        widget_view.mark_live(self.widget, self._send_btn)
 
     def _refresh_options(self) -> None:
         if not hasattr(self, "_pick_a"):
@@ -437,7 +456,7 @@ class ChatWidget:
     def on_pick(self, change: Any = None) -> None:
         if getattr(self, "_syncing", False):
             return
-        self.selected.update(a=self._pick_a.value, b=self._pick_b.value)
+        self._choose(a=self._pick_a.value, b=self._pick_b.value)
         self._set_status(f"モデル (model): {self.selected['a']}"
                          + (f" ・ 比較 (compare): {self.selected['b']}" if self.side_by_side else ""))
         self._render()
@@ -458,9 +477,13 @@ class ChatWidget:
         bundle["text/plain"] = repr(self)
         panes = [self._pane_html("a")] + ([self._pane_html("b")] if self.side_by_side else [])
         cells = "".join(f"<td style='vertical-align:top;width:{100 // len(panes)}%'>{p}</td>" for p in panes)
-        bundle["text/html"] = (f"<p><b>Chat widget</b> — open the notebook in JupyterLab to chat.</p>"
-                               f"<table style='width:100%'><tr>{cells}</tr></table>")
+        bundle["text/html"] = widget_view.fallback_html("チャットウィジェット (chat widget)",
+                                                        f"<table style='width:100%'><tr>{cells}</tr></table>")
         return bundle
+
+    def _ipython_display_(self) -> None:
+        """The widget, and the note that stands in for it once the notebook is saved and reopened."""
+        widget_view.show(self, *RUN_TO_CHAT)
 
     def display(self) -> "ChatWidget":
         """Show the widget (returns at once: nothing waits for input)."""

@@ -777,30 +777,94 @@ def context_length(model, tokenizer=None) -> int | None:
     return limit if isinstance(limit, int) and 0 < limit < 10**7 else None
 
 
-def fit_prompt(tokenizer, messages: Messages, max_prompt_tokens: int | None) -> tuple[list[int], int]:
-    """(prompt ids, number of messages dropped): the oldest non-system turns are dropped until the
-    prompt fits (an assistant turn left first goes too); a last message that alone is too long is
-    cut from the left. The caller warns (nothing is dropped silently)."""
+class ContextLengthError(ValueError):
+    """A prompt that does not fit the model's context (and truncation was not allowed)."""
+
+    def __init__(self, prompt_tokens: int, max_prompt_tokens: int):
+        self.prompt_tokens, self.max_prompt_tokens = int(prompt_tokens), int(max_prompt_tokens)
+        super().__init__(f"the prompt has {prompt_tokens} tokens but only {max_prompt_tokens} fit the model's context "
+                         "next to the reply: shorten the conversation, lower max_tokens, or allow truncation")
+
+
+@dataclass
+class FittedPrompt:
+    """A conversation's prompt ids after fitting into the context (see :func:`fit_messages`); the
+    generation functions accept it in place of a conversation (already tokenized: no refitting)."""
+
+    ids: list[int]
+    dropped: int = 0                   # oldest messages dropped (whole turns)
+    cut_tokens: int = 0                # tokens cut from the left when one message alone was too long
+    full_tokens: int = 0               # the prompt's length before fitting
+
+    @property
+    def truncated(self) -> bool:
+        return bool(self.dropped or self.cut_tokens)
+
+
+def _turn_starts(msgs: list[dict[str, str]]) -> list[int]:
+    """Indices where a kept conversation may start: each user message, and the last message."""
+    body = [i for i, m in enumerate(msgs) if m["role"] != "system"]
+    starts = [i for i in body if msgs[i]["role"] == "user"]
+    if body and (not starts or starts[-1] != body[-1]):
+        starts.append(body[-1])
+    return starts
+
+
+def fit_messages(tokenizer, messages: Messages, max_prompt_tokens: int | None, *,
+                 truncate: bool = True) -> FittedPrompt:
+    """Fit a conversation into ``max_prompt_tokens`` in linear time.
+
+    The whole prompt is encoded once; when it is too long and ``truncate`` is true, every
+    message's token count is computed once (one batched tokenizer call), whole turns are cut from
+    the oldest (a kept conversation starts at a user message; system messages always stay), and
+    only the kept prompt (at most about ``max_prompt_tokens`` long) is encoded again to check it,
+    dropping one more turn while the count was underestimated. A last message that alone is too
+    long is cut from the left. ``truncate=False`` raises :class:`ContextLengthError` instead."""
     msgs = clean_messages(messages)
     ids = encode_prompt(tokenizer, msgs)
-    if max_prompt_tokens is None or len(ids) <= max_prompt_tokens:
-        return ids, 0
+    full = len(ids)
+    if max_prompt_tokens is None or full <= max_prompt_tokens:
+        return FittedPrompt(ids, 0, 0, full)
     if max_prompt_tokens < 1:
         raise ValueError("max_new_tokens leaves no room for the prompt in the model's context: lower max_new_tokens")
-    dropped = 0
-    while len(ids) > max_prompt_tokens:
-        body = [i for i, m in enumerate(msgs) if m["role"] != "system"]
-        if len(body) <= 1:
-            ids = ids[-max_prompt_tokens:]
+    if not truncate:
+        raise ContextLengthError(full, max_prompt_tokens)
+    counts = [len(x) for x in tokenizer([m["content"] for m in msgs], add_special_tokens=False)["input_ids"]]
+    per_message = max(0.0, (full - sum(counts)) / len(msgs))      # the template's tokens around each message
+    cost = [c + per_message for c in counts]
+    system_cost = sum(c for c, m in zip(cost, msgs) if m["role"] == "system")
+    starts = _turn_starts(msgs)
+    if not starts:                                  # system messages only: cut from the left
+        return FittedPrompt(ids[-max_prompt_tokens:], 0, full - max_prompt_tokens, full)
+    # suffix sums of the body's cost: the estimated prompt when the conversation starts at msgs[i]
+    suffix = [0.0] * (len(msgs) + 1)
+    for i in range(len(msgs) - 1, -1, -1):
+        suffix[i] = suffix[i + 1] + (cost[i] if msgs[i]["role"] != "system" else 0.0)
+    k = 0
+    while k < len(starts) - 1 and system_cost + suffix[starts[k]] > max_prompt_tokens:
+        k += 1
+    while True:
+        first = starts[k]
+        kept = [m for i, m in enumerate(msgs) if i >= first or m["role"] == "system"]
+        ids = encode_prompt(tokenizer, kept)
+        if len(ids) <= max_prompt_tokens or k == len(starts) - 1:
             break
-        del msgs[body[0]]
-        dropped += 1
-        body = [i for i, m in enumerate(msgs) if m["role"] != "system"]
-        if len(body) > 1 and msgs[body[0]]["role"] == "assistant":
-            del msgs[body[0]]
-            dropped += 1
-        ids = encode_prompt(tokenizer, msgs)
-    return ids, dropped
+        excess = len(ids) - max_prompt_tokens          # underestimated: drop turns covering the excess
+        k += 1
+        while k < len(starts) - 1 and suffix[first] - suffix[starts[k]] < excess:
+            k += 1
+    dropped = len(msgs) - len(kept)
+    cut = max(0, len(ids) - max_prompt_tokens)
+    if cut:
+        ids = ids[-max_prompt_tokens:]
+    return FittedPrompt(ids, dropped, cut, full)
+
+
+def fit_prompt(tokenizer, messages: Messages, max_prompt_tokens: int | None) -> tuple[list[int], int]:
+    """(prompt ids, number of messages dropped): :func:`fit_messages` with truncation, for callers
+    that warn themselves (nothing is dropped silently)."""
+    fitted = fit_messages(tokenizer, messages, max_prompt_tokens)
+    return fitted.ids, fitted.dropped
 
 
 def end_of_turn_ids(model, tokenizer, extra: Iterable[str] = ()) -> list[int]:
@@ -869,7 +933,12 @@ def _prepare(model, tokenizer, conversations: Sequence[Messages], max_new_tokens
     room = None if limit is None else limit - max_new_tokens
     prompts, dropped = [], []
     for conv in conversations:
-        ids, n = fit_prompt(tokenizer, conv, room)
+        if isinstance(conv, FittedPrompt):          # fitted by the caller (the server, outside the lock)
+            if room is not None and len(conv.ids) > room:
+                raise ContextLengthError(len(conv.ids), room)
+            ids, n = conv.ids, 0
+        else:
+            ids, n = fit_prompt(tokenizer, conv, room)
         prompts.append(ids)
         dropped.append(n)
     cut = sum(1 for n in dropped if n)
@@ -1100,23 +1169,26 @@ class _DeltaStreamer:
 def stream_generate(model, tokenizer, messages: Messages, max_new_tokens: int = 256, temperature: float = 0.0,
                     top_p: float | None = None, seed: int | None = None, *, min_new_tokens: int | None = None,
                     stop_tokens: Iterable[str] = (), details: dict[str, Any] | None = None,
-                    timeout_s: float | None = 600.0) -> Iterator[str]:
+                    timeout_s: float | None = 600.0, cancel: threading.Event | None = None) -> Iterator[str]:
     """The reply's text, yielded piece by piece as tokens are generated (``model.generate`` runs in a
     thread with a streamer). Joined, the pieces equal :func:`generate`'s reply for the same
     settings. Closing the iterator early stops generation at the next token. ``details``, when
     given, is filled at the end with ``prompt_tokens``, ``completion_tokens``, ``finish_reason``
-    and ``dropped_messages``."""
+    and ``dropped_messages``. ``cancel``: an event that, once set (e.g. by a server whose client went
+    away), stops generation at the next token as closing does."""
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     prep = _prepare(model, tokenizer, [messages], max_new_tokens, temperature, top_p, min_new_tokens, stop_tokens)
     streamer = _DeltaStreamer(tokenizer, prep.stop_ids)
+    external = cancel
     cancel = threading.Event()
     failure: list[BaseException] = []
 
     class _Cancelled(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
-            return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+            stop = cancel.is_set() or (external is not None and external.is_set())
+            return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
     ids, mask = _left_pad(prep.prompts, prep.pad_id, prep.device)
 

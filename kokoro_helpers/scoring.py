@@ -44,12 +44,20 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from . import widget_view
 from .display import chat_html
 from .paths import resolve
 from .schema import CRITERIA as KOKOROCHAT_CRITERIA
 
 SCORE_MIN, SCORE_MAX = 0, 5
 SCORE_VALUES = tuple(range(SCORE_MIN, SCORE_MAX + 1))
+#: Context messages shown open above the reply; earlier ones sit in a collapsed block, so the form
+#: fits a 1000-px-high window without scrolling to submit.
+CONTEXT_SHOWN = 2
+#: Below this many scores of a model × criterion the summary shows the count and the mean only
+#: (no interval, NaN): with one or two scores a t-interval runs far outside 0..5.
+MIN_SCORES_FOR_INTERVAL = 5
+CONTEXT_MAX_PX, REPLY_MAX_PX = 240, 220     # taller texts scroll inside their block
 
 #: Criteria presets: key -> label shown to raters. "default" is the seeds' three criteria.
 CRITERIA_PRESETS: dict[str, dict[str, str]] = {
@@ -139,28 +147,30 @@ def check_rater(rater: str, demo: bool = False) -> str:
 def validate_scores(scores: Mapping[str, Any], criteria: Mapping[str, str]) -> dict[str, int]:
     """``{criterion: int 0..5}`` for exactly the given criteria, or ScoreError saying what is wrong."""
     if not isinstance(scores, Mapping):
-        raise ScoreError(f"scores must be a mapping {{criterion: 0..5}}, got {type(scores).__name__}")
+        raise ScoreError(f"採点は {{項目: 0..5}} の形で渡してください (scores must be a mapping {{criterion: 0..5}}, "
+                         f"got {type(scores).__name__})")
     problems = []
     unknown = [k for k in scores if k not in criteria]
     if unknown:
-        problems.append(f"unknown criteria {unknown} (this widget scores {list(criteria)})")
+        problems.append(f"未知の評価項目 (unknown criteria) {unknown} (this widget scores {list(criteria)})")
     missing = [k for k in criteria if k not in scores or scores[k] is None]
     if missing:
-        problems.append("missing scores for " + ", ".join(f"{k} ({criteria[k]})" for k in missing))
+        problems.append("未採点 — missing scores for " + ", ".join(f"{k} ({criteria[k]})" for k in missing))
     clean: dict[str, int] = {}
     for key in criteria:
         value = scores.get(key)
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            problems.append(f"{key} ({criteria[key]}) = {value!r} is not an integer")
+            problems.append(f"{criteria[key]} ({key}) = {value!r} は整数ではありません (is not an integer)")
         elif not SCORE_MIN <= int(value) <= SCORE_MAX:
-            problems.append(f"{key} ({criteria[key]}) = {value} is outside {SCORE_MIN}..{SCORE_MAX}")
+            problems.append(f"{criteria[key]} ({key}) = {value} は範囲外です (is outside {SCORE_MIN}..{SCORE_MAX})")
         else:
             clean[key] = int(value)
     if problems:
-        raise ScoreError("score not recorded: " + "; ".join(problems)
-                         + f". Every criterion needs an integer {SCORE_MIN}..{SCORE_MAX}.")
+        raise ScoreError("記録されていません (score not recorded): " + "; ".join(problems)
+                         + f"。すべての項目に {SCORE_MIN}〜{SCORE_MAX} の整数を選んでください "
+                         f"(every criterion needs an integer {SCORE_MIN}..{SCORE_MAX}).")
     return clean
 
 
@@ -398,12 +408,13 @@ class ScoringWidget:
         outside 0..5, a non-integer, an unknown or a missing criterion, or when every item is
         scored already. Returns the record written."""
         if self.done:
-            raise ScoreError(f"every item is scored ({self.progress}); use back() to revise one")
+            raise ScoreError(f"すべて採点済みです (every item is scored, {self.progress}): 戻る (back) で修正できます "
+                             "(use back() to revise one)")
         clean = validate_scores(scores, self.criteria)
         if comment is None:
             comment = ""
         if not isinstance(comment, str):
-            raise ScoreError(f"comment must be text, got {type(comment).__name__}")
+            raise ScoreError(f"コメントは文字列にしてください (comment must be text, got {type(comment).__name__})")
         item = self.current
         item_id = item["item_id"]     # JSON-safe even when items came from a DataFrame (numpy ints)
         item_id = int(item_id) if isinstance(item_id, numbers.Integral) else str(item_id)
@@ -421,7 +432,7 @@ class ScoringWidget:
         """Move one item forward without recording; past the last item, to the first unscored
         item (or to the end when every item is scored). Returns the new position."""
         if self.done:
-            self._render(message="すべて採点済みです (all scored): use back to revise")
+            self._render(message="すべて採点済みです。戻る (back) で修正できます (all scored: use back to revise)")
             return self._position
         self._reload()
         nxt = self._position + 1
@@ -453,21 +464,22 @@ class ScoringWidget:
         self._context = W.HTML()
         self._ref_toggle = W.ToggleButton(value=self._show_reference, description="参照応答 (reference)",
                                           tooltip="実際のカウンセラーの応答を表示 / show the real counselor's reply",
-                                          icon="eye")
+                                          icon="eye", layout=W.Layout(width="auto", min_width="220px"))
         self._ref_toggle.observe(self.on_reference_toggled, names="value")
         self._reference = W.HTML()
         self._response = W.HTML()
         self._controls = {}
         rows = []
         for key, label in self.criteria.items():
-            control = W.ToggleButtons(options=list(SCORE_VALUES), value=None,
-                                      style={"button_width": "36px"})
+            control = widget_view.ScoreButtons(SCORE_VALUES, tooltip=f"{label} ({key}): 0 = 最低 (worst) … "
+                                               f"{SCORE_MAX} = 最高 (best); もう一度押すと取り消し (click again to clear)")
             self._controls[key] = control
             rows.append(W.HBox([W.HTML(f"<b>{html.escape(label)}</b> <small>({html.escape(key)})</small>",
-                                       layout=W.Layout(width="260px")), control]))
+                                       layout=W.Layout(width="260px")), control.widget]))
         self._comment = W.Textarea(placeholder="コメント（任意） / comment (optional)",
                                    layout=W.Layout(width="90%", height="56px"))
-        self._submit_btn = W.Button(description="送信 (submit)", button_style="primary", icon="check")
+        self._submit_btn = W.Button(description="送信 (submit)", button_style="primary", icon="check",
+                                    tooltip="Ctrl/Cmd+Enter", layout=W.Layout(width="auto"))
         self._back_btn = W.Button(description="戻る (back)", icon="arrow-left")
         self._skip_btn = W.Button(description="スキップ (skip)", icon="forward")
         self._submit_btn.on_click(self.on_submit_clicked)
@@ -477,7 +489,9 @@ class ScoringWidget:
         self.widget = W.VBox([
             self._header, self._context, self._ref_toggle, self._reference, self._response,
             W.HTML(f"<small>0 = 最低 (worst) … {SCORE_MAX} = 最高 (best)</small>"), *rows, self._comment,
-            W.HBox([self._back_btn, self._skip_btn, self._submit_btn]), self._message])
+            W.HBox([self._back_btn, self._skip_btn, self._submit_btn,
+                    W.HTML("<small style='color:#666'>Ctrl/Cmd+Enter: 送信 (submit)</small>")]), self._message])
+        widget_view.mark_live(self.widget, self._submit_btn)
 
     def _render(self, message: str = "", error: bool = False) -> None:
         n = self.n_items
@@ -496,13 +510,13 @@ class ScoringWidget:
                 c.value = None
             self._comment.value = ""
         else:
-            self._context.value = chat_html(item["context"], title="これまでの会話 (context)")
+            self._context.value = context_html(item["context"])
             ref = item.get("reference")
             self._reference.value = chat_html([{"role": "assistant", "content": ref}],
                                               title="参照応答: 実際のカウンセラー (reference)") if ref else \
                 "<p><i>参照応答なし (no reference)</i></p>"
-            self._response.value = chat_html([{"role": "assistant", "content": item["response"]}],
-                                             title="評価する応答 (reply to score)")
+            self._response.value = _scrolling(chat_html([{"role": "assistant", "content": item["response"]}],
+                                                        title="評価する応答 (reply to score)"), REPLY_MAX_PX)
             prev = self._latest.get(self.current_key)
             for key, c in self._controls.items():
                 value = (prev or {}).get("scores", {}).get(key)
@@ -529,7 +543,8 @@ class ScoringWidget:
             self._set_message(str(exc), error=True)
             return False
         except OSError as exc:
-            self._set_message(f"保存できませんでした — NOT saved ({exc}); check the disk and submit again",
+            self._set_message(f"保存できませんでした — NOT saved ({exc}); ディスクを確認してもう一度送信してください "
+                              "(check the disk and submit again)",
                               error=True)
             return False
         return True
@@ -564,13 +579,38 @@ class ScoringWidget:
         outputs carry no widget state)."""
         bundle = dict(self.widget._repr_mimebundle_(include=include, exclude=exclude, **kwargs) or {})
         bundle["text/plain"] = repr(self)
-        bundle["text/html"] = (f"<p><b>Scoring widget</b> — rater {html.escape(self.rater)}: scored "
-                               f"{self.progress}. Open the notebook in JupyterLab to score.</p>")
+        bundle["text/html"] = widget_view.fallback_html(
+            "採点ウィジェット (scoring widget)",
+            f"<p>評価者 (rater) {html.escape(self.rater)}: 採点済み (scored) {self.progress}</p>")
         return bundle
+
+    def _ipython_display_(self) -> None:
+        """The widget, and the note that stands in for it once the notebook is saved and reopened."""
+        widget_view.show(self, *RUN_TO_SCORE)
 
     def display(self) -> None:
         from IPython.display import display
         display(self)
+
+
+RUN_TO_SCORE = ("このセルを実行すると採点できます（採点は保存済みで、続きから再開します）",
+                "run this cell to score: saved scores are kept and scoring resumes where it stopped")
+
+
+def context_html(context: Sequence[Mapping[str, Any]], shown: int = CONTEXT_SHOWN) -> str:
+    """The dialogue so far: the last ``shown`` messages open, earlier ones in a collapsed block."""
+    context = list(context)
+    early, late = context[:-shown] if shown else context, context[-shown:] if shown else []
+    out = ""
+    if early:
+        out += (f"<details><summary>これまでの会話 — 前の {len(early)} 件を表示 "
+                f"(show {len(early)} earlier message(s))</summary>{chat_html(early)}</details>")
+    return _scrolling(out + chat_html(late, title=None if early else "これまでの会話 (context)"), CONTEXT_MAX_PX)
+
+
+def _scrolling(inner: str, max_px: int) -> str:
+    """A block at most ``max_px`` high that scrolls inside (long texts keep the form on screen)."""
+    return f"<div style='max-height:{int(max_px)}px;overflow-y:auto'>{inner}</div>"
 
 
 # --------------------------------------------------------------------------- demo scores
@@ -709,8 +749,11 @@ def t_critical(confidence: float, df: int) -> float:
     return (lo + hi) / 2
 
 
-def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float, float]:
-    """(mean, sd, ci_low, ci_high) with a t-interval; sd and the interval are NaN for n < 2."""
+def mean_ci(values: Sequence[float], confidence: float = 0.95,
+            min_n: int = MIN_SCORES_FOR_INTERVAL) -> tuple[float, float, float, float]:
+    """(mean, sd, ci_low, ci_high) with a t-interval clipped to the score range 0..5. Below
+    ``min_n`` values there is no interval (NaN): the count and the mean (sd from 2 values on,
+    which pooling needs) only."""
     xs = [float(v) for v in values]
     n = len(xs)
     if n == 0:
@@ -719,8 +762,14 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, f
     if n < 2:
         return mean, math.nan, math.nan, math.nan
     sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
+    if n < int(min_n):
+        return mean, sd, math.nan, math.nan
     half = t_critical(confidence, n - 1) * sd / math.sqrt(n)
-    return mean, sd, mean - half, mean + half
+    return mean, sd, _clip_score(mean - half), _clip_score(mean + half)
+
+
+def _clip_score(x: float) -> float:
+    return min(float(SCORE_MAX), max(float(SCORE_MIN), x))
 
 
 SUMMARY_COLUMNS = ("criterion", "n", "mean", "sd", "ci_low", "ci_high", "n_raters", "n_items", "n_demo")
@@ -729,7 +778,9 @@ SUMMARY_COLUMNS = ("criterion", "n", "mean", "sd", "ci_low", "ci_high", "n_rater
 def summarize(scores_df, criteria: Sequence[str] | None = None, by: Sequence[str] = ("model",),
               confidence: float = 0.95):
     """Per ``by`` (default model) × criterion: n, mean, sd and a ``confidence`` t-interval
-    (ci_low, ci_high), with the number of raters, items and demo scores behind each row.
+    (ci_low, ci_high, clipped to 0..5), with the number of raters, items and demo scores behind
+    each row. Below :data:`MIN_SCORES_FOR_INTERVAL` scores a row has no interval (NaN): the count
+    and the mean (and sd) only; ``attrs["min_scores_for_interval"]`` states the number.
 
     Every score counts as one observation (scores of one item by several raters are not
     independent, so treat the interval as descriptive). ``by=("split", "model")`` splits test
@@ -760,7 +811,30 @@ def summarize(scores_df, criteria: Sequence[str] | None = None, by: Sequence[str
                             "n_items": sub["item_id"].nunique(), "n_demo": int(sub["demo"].sum())})
     frame = pd.DataFrame(out, columns=columns)
     frame.attrs["confidence"] = confidence
+    frame.attrs["min_scores_for_interval"] = MIN_SCORES_FOR_INTERVAL
     return frame
+
+
+def summary_table(summary, digits: int = 2):
+    """The summary for people: below ``min_scores_for_interval`` scores a row shows its count and
+    mean only (sd and interval "—"); otherwise the interval as one "low–high" column (within 0–5)."""
+    import pandas as pd
+
+    if not len(summary):
+        return summary
+    min_n = summary.attrs.get("min_scores_for_interval", MIN_SCORES_FOR_INTERVAL)
+    conf = summary.attrs.get("confidence", 0.95)
+    keys = [c for c in summary.columns if c not in SUMMARY_COLUMNS]
+    enough = summary["n"] >= min_n
+    out = summary[[*keys, "criterion", "n"]].copy()
+    out["mean"] = summary["mean"].round(digits)
+    out["sd"] = [f"{sd:.{digits}f}" if ok and not math.isnan(sd) else "—" for sd, ok in zip(summary["sd"], enough)]
+    out[f"{conf:.0%} CI"] = [f"{lo:.{digits}f}–{hi:.{digits}f}" if ok else f"— (n < {min_n})"
+                             for lo, hi, ok in zip(summary["ci_low"], summary["ci_high"], enough)]
+    out["raters"] = summary["n_raters"]
+    if summary["n_demo"].sum():
+        out["demo"] = summary["n_demo"]
+    return pd.DataFrame(out).reset_index(drop=True)
 
 
 def plot_distributions(scores_df, criteria: Sequence[str] | None = None,
@@ -826,7 +900,8 @@ def plot_means(summary):
     conf = summary.attrs.get("confidence", 0.95)
     ax.set_xticks(x, criteria, rotation=20, ha="right")
     ax.set(ylim=(SCORE_MIN, SCORE_MAX), ylabel="mean score (0-5)",
-           title=f"Mean human score with {conf:.0%} CI")
+           title=f"Mean human score with {conf:.0%} CI (none below "
+                 f"{summary.attrs.get('min_scores_for_interval', MIN_SCORES_FOR_INTERVAL)} scores)")
     ax.legend(fontsize="small")
     fig.tight_layout()
     return fig
@@ -945,9 +1020,11 @@ def _pool(rows, confidence: float) -> dict[str, Any]:
     mean = float((rows["n"] * rows["mean"]).sum() / n)
     ss = sum((r.n - 1) * (r.sd ** 2 if r.n > 1 and not math.isnan(r.sd) else 0.0) + r.n * (r.mean - mean) ** 2
              for r in rows.itertuples())
+    enough = n >= max(2, MIN_SCORES_FOR_INTERVAL)
     sd = math.sqrt(ss / (n - 1)) if n > 1 else math.nan
-    half = t_critical(confidence, n - 1) * sd / math.sqrt(n) if n > 1 else math.nan
-    return {"mean": mean, "sd": sd, "n": n, "ci_low": mean - half, "ci_high": mean + half,
+    half = t_critical(confidence, n - 1) * sd / math.sqrt(n) if enough else math.nan
+    return {"mean": mean, "sd": sd, "n": n, "ci_low": _clip_score(mean - half) if enough else math.nan,
+            "ci_high": _clip_score(mean + half) if enough else math.nan,
             "n_raters": int(rows["n_raters"].max()), "n_items": int(rows["n_items"].sum()),
             "n_demo": int(rows["n_demo"].sum())}
 

@@ -32,3 +32,8 @@ def test_bench_data_quick(tmp_path):
 ])
 def test_bench_models_quick(script, args, tmp_path):
     _run(script, *[a.replace("{tmp}", str(tmp_path)) for a in args], tmp_path=tmp_path)
+
+
+def test_bench_serve_quick(tmp_path):
+    out = _run("bench_serve.py", "--sizes", "40", "80", "--big-messages", "1000", tmp_path=tmp_path)
+    assert "HTTP 400" in out and "truncation" in out

@@ -177,3 +177,33 @@ def test_compare_with_base_shares_the_loaded_model(tmp_path):
     msgs = [{"role": "user", "content": "こんにちは"}]
     assert a == lm.generate(msgs, max_new_tokens=6) and b == lm.generate(msgs, adapter="base", max_new_tokens=6)
     assert torch.get_num_threads() >= 1
+
+
+def test_switching_the_model_shows_its_own_conversation_under_its_name(models):
+    w = widget(models, model="A")
+    w.send("for A")
+    w._pick_a.value = "B"                        # the picker: a new conversation with B
+    assert w.history == [] and "<h4>B</h4>" in w._chat["a"].value and "for A" not in w._chat["a"].value
+    w.send("for B")
+    sent_to_b = models["B"].calls[-1][0]
+    assert [m["content"] for m in sent_to_b] == [SYSTEM, "for B"]        # A's turns are not B's context
+    w._pick_a.value = "A"                        # back to A: its conversation again
+    assert [m["content"] for m in w.history[::2]] == ["for A"]
+    assert "for A" in w._chat["a"].value and "for B" not in w._chat["a"].value
+    w.reset()
+    assert w.history == [] and [m["content"] for m in w._conversations[("a", "B")][::2]] == ["for B"]
+
+
+def test_keyboard_send_and_the_reopen_note(models, monkeypatch):
+    import IPython.display
+    from kokoro_helpers import widget_view
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda obj, raw=False: shown.append(obj))
+    w = widget(models, model="A")
+    assert widget_view.LIVE_CLASS in w.widget._dom_classes
+    assert widget_view.PRIMARY_CLASS in w._send_btn._dom_classes          # what Ctrl/Cmd+Enter presses
+    w._ipython_display_()
+    live, note = shown
+    assert "application/vnd.jupyter.widget-view+json" in live and "chat widget" in live["text/html"]
+    assert "このセルを実行するとチャットできます" in note["text/html"] and "keydown" in note["text/html"]
+    assert "run this cell to chat" in note["text/html"] and "run this cell to chat" in note["text/plain"]

@@ -350,7 +350,7 @@ def test_never_waits_and_displays_without_a_frontend(tmp_path):
     w = ScoringWidget(make_items(), tmp_path, "tanaka")
     bundle = w._repr_mimebundle_()
     assert "application/vnd.jupyter.widget-view+json" in bundle
-    assert "0 / 6" in bundle["text/plain"] and "Scoring widget" in bundle["text/html"]
+    assert "0 / 6" in bundle["text/plain"] and "scoring widget" in bundle["text/html"]
     assert "ScoringWidget(rater='tanaka'" in repr(w)
 
 
@@ -693,3 +693,64 @@ def test_write_evaluation_results_with_metrics_only(tmp_path):
     assert er["valid_evaluation"]["automatic_metrics"] == {"chrf": 22.0}
     assert er["summary"]["automatic_metrics"] == {"chrf": 20.0}
     assert "human_scores" not in er["summary"] and er["timestamp"]
+
+
+def test_few_scores_give_counts_and_means_only_and_intervals_stay_in_0_5(tmp_path):
+    from kokoro_helpers.scoring import MIN_SCORES_FOR_INTERVAL, mean_ci
+    _write(tmp_path, "r0", "item-000", "A", accuracy=0, relevance=5)
+    _write(tmp_path, "r1", "item-000", "A", accuracy=5, relevance=5)
+    summary = summarize(load_scores(tmp_path))
+    assert summary.attrs["min_scores_for_interval"] == MIN_SCORES_FOR_INTERVAL > 2
+    for row in summary.itertuples():                       # two scores: no interval (was -9.7 … 15.7)
+        assert row.n == 2 and math.isnan(row.ci_low) and math.isnan(row.ci_high) and not math.isnan(row.mean)
+    for values in ([0, 5, 0, 5, 0], [5, 5, 5, 5, 4], [0] * 6 + [1], list(range(6)) * 3):
+        mean, sd, lo, hi = mean_ci(values)
+        assert 0 <= lo <= mean <= hi <= 5
+    assert mean_ci([0, 5, 0, 5, 0])[2] == 0.0               # clipped at the bottom of the scale
+
+
+def test_score_buttons_show_the_choice_and_a_second_click_clears_it(tmp_path):
+    w = ScoringWidget(make_items(), tmp_path, "tanaka")
+    row = w._controls["accuracy"]
+    row.click(3)
+    assert row.value == 3
+    chosen = [b for b in row.buttons if b.button_style == "primary"]
+    assert [b.description for b in chosen] == ["✔ 3"] and all(b.description.isdigit() for b in row.buttons
+                                                              if b not in chosen)
+    row.click(3)                                            # clicking the chosen score again clears it
+    assert row.value is None and not any(b.button_style for b in row.buttons)
+    row.buttons[4].click()                                  # through the ipywidgets click path
+    assert row.value == 4
+    assert not w.on_submit_clicked()                        # two criteria unset: refused, in both languages
+    assert "未採点" in w.message and "missing scores" in w.message
+
+
+def test_a_reopened_notebook_shows_what_to_do_instead_of_the_widget(tmp_path, monkeypatch):
+    import IPython.display
+    from kokoro_helpers import widget_view
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda obj, raw=False: shown.append(obj))
+    w = ScoringWidget(make_items(), tmp_path, "tanaka")
+    w._ipython_display_()
+    live, note = shown
+    assert "application/vnd.jupyter.widget-view+json" in live
+    assert widget_view.FALLBACK_CLASS in live["text/html"] and "0 / 6" in live["text/html"]
+    assert "このセルを実行" in note["text/html"] and widget_view.NOTE_CLASS in note["text/html"]
+    assert "run this cell to score" in note["text/html"] and "run this cell to score" in note["text/plain"]
+    assert "run this cell" not in live["text/html"]             # said once, by the note
+    assert widget_view.LIVE_CLASS in w.widget._dom_classes and widget_view.PRIMARY_CLASS in w._submit_btn._dom_classes
+
+
+def test_summary_table_shows_counts_and_means_only_below_the_stated_number(tmp_path):
+    from kokoro_helpers.scoring import summary_table
+    for i, s in enumerate([1, 2, 3, 4, 5]):
+        _write(tmp_path, f"r{i}", "item-000", "A", accuracy=s, relevance=3)
+    _write(tmp_path, "r0", "item-001", "B", accuracy=0, relevance=5)
+    _write(tmp_path, "r1", "item-001", "B", accuracy=5, relevance=5)
+    table = summary_table(summarize(load_scores(tmp_path)))
+    a = table[(table.model == "A") & (table.criterion == "accuracy")].iloc[0]
+    b = table[(table.model == "B") & (table.criterion == "accuracy")].iloc[0]
+    low, high = (float(x) for x in a["95% CI"].split("–"))
+    assert 0 <= low < 3 < high <= 5 and a["sd"] != "—"
+    assert (b.n, b["mean"], b.sd, b["95% CI"]) == (2, 2.5, "—", "— (n < 5)")
+    assert "nan" not in table.to_string().lower()

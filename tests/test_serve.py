@@ -228,6 +228,21 @@ def test_cli_serves_an_adapter_folder(adapter):
         resp = client.chat.completions.create(model="lora-serve", messages=MESSAGES, max_tokens=5)
         assert resp.choices[0].finish_reason in ("stop", "length")
         assert post(type("S", (), {"url": f"http://127.0.0.1:{port}"}), {"model": "lora-serve"}).status_code == 400
+        # SIGTERM while a long reply streams: the generation is cancelled and the server exits at once
+        events: list[str] = []
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60,
+                          json={"model": "lora-serve", "messages": MESSAGES, "max_tokens": 4000, "stream": True,
+                                "temperature": 1.0, "seed": 3}) as r:
+            lines = r.iter_lines()
+            events.append(next(lines))                    # the role chunk: generation has begun
+            proc.terminate()
+            try:
+                events += [line for line in lines if line]
+            except httpx.TransportError:
+                pass
+        assert proc.wait(30) in (0, -15)                  # uvicorn re-raises SIGTERM after a clean shutdown
+        assert len(events) < 4000 and not any('"finish_reason": "length"' in e for e in events)
+        assert events[-2:] == [events[-2], "data: [DONE]"] and "server_shutting_down" in events[-2], events[-3:]
     finally:
         proc.terminate()
         try:
@@ -241,3 +256,214 @@ def test_cli_serves_an_adapter_folder(adapter):
 def test_cli_reports_a_missing_model(tmp_path, capsys):
     assert serve.main(["--model", str(tmp_path / "nope"), "--run-dir", str(tmp_path)]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- long prompts, limits, safety
+
+def long_conversation(n: int) -> list[dict[str, str]]:
+    msgs = [{"role": "system", "content": "あなたは心理カウンセラーです。"}]
+    for i in range(n // 2):
+        msgs += [{"role": "user", "content": f"相談{i}"}, {"role": "assistant", "content": "はい"}]
+    return msgs + [{"role": "user", "content": "最後の相談です。"}]
+
+
+@pytest.fixture()
+def roomy(lm):
+    """A server that takes 10,000-message requests (the default --max-messages is 2048)."""
+    with serve.ServerThread(serve.create_app(lm, max_tokens=8, temperature=0.0,
+                                             limits=serve.Limits(max_messages=20_000))) as srv:
+        yield srv
+
+
+def test_a_10000_message_request_is_refused_or_fitted_and_says_so(server, roomy):
+    msgs = long_conversation(10_000)
+    r = post(server, {"model": "lora-serve", "messages": msgs})            # default limits
+    assert r.status_code == 400 and r.json()["error"]["code"] == "array_above_max_length"
+    r = post(roomy, {"model": "lora-serve", "messages": msgs})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["code"] == "context_length_exceeded" and err["param"] == "messages"
+    assert "truncation" in err["message"]
+    r = post(roomy, {"model": "lora-serve", "messages": msgs, "truncation": "auto", "max_tokens": 4})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["truncation"]["dropped_messages"] > 9000 and body["truncation"]["dropped_messages"] % 2 == 0
+    assert body["usage"]["prompt_tokens"] <= 4096 - 4 < body["truncation"]["prompt_tokens_before"]
+    assert r.headers["x-prompt-truncated"] == "true"
+    short = post(roomy, {"model": "lora-serve", "messages": MESSAGES, "max_tokens": 4}).json()
+    assert "truncation" not in short
+
+
+def test_fitting_runs_outside_the_model_lock(roomy, monkeypatch):
+    """While a 10,000-message request is being fitted (held here at a gate), a normal request is
+    answered: fitting does not hold the model."""
+    import threading
+
+    real = gen.fit_messages
+    gate, entered, order = threading.Event(), threading.Event(), []
+
+    def gated(tokenizer, messages, room, **kw):
+        if len(messages) > 100:
+            entered.set()
+            assert gate.wait(60)
+        return real(tokenizer, messages, room, **kw)
+
+    monkeypatch.setattr(gen, "fit_messages", gated)
+    with ThreadPoolExecutor(2) as pool:
+        big = pool.submit(lambda: (post(roomy, {"model": "lora-serve", "messages": long_conversation(10_000)}),
+                                   order.append("big"))[0])
+        assert entered.wait(30)
+        small = post(roomy, {"model": "lora-serve", "messages": MESSAGES, "max_tokens": 4})
+        order.append("small")
+        gate.set()
+        assert big.result(60).status_code == 400
+    assert small.status_code == 200 and order == ["small", "big"]
+
+
+def test_abandoned_requests_stop_generating(lm, monkeypatch):
+    """Three clients that give up on long non-streaming replies, and one that hangs up a stream:
+    their generations are cancelled (a few tokens each), so the next request does not wait."""
+    import threading
+
+    real = gen.stream_generate
+    runs: list[dict] = []
+
+    def long_stream(model, tokenizer, messages, **kw):      # every reply as long as max_tokens allows
+        record = {"deltas": 0, "cancelled": False, "max": kw["max_new_tokens"]}
+        runs.append(record)
+        kw["min_new_tokens"] = kw["max_new_tokens"]
+        try:
+            for delta in real(model, tokenizer, messages, **kw):
+                record["deltas"] += 1
+                yield delta
+        finally:
+            record["cancelled"] = kw["cancel"].is_set()
+
+    monkeypatch.setattr(gen, "stream_generate", long_stream)
+    with serve.ServerThread(serve.create_app(lm, temperature=0.0)) as srv:
+        def abandon(_):
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(f"{srv.url}/v1/chat/completions", timeout=httpx.Timeout(60, read=0.5),
+                           json={"model": "lora-serve", "messages": MESSAGES, "max_tokens": 4000})
+        with ThreadPoolExecutor(3) as pool:
+            list(pool.map(abandon, range(3)))
+        with httpx.stream("POST", f"{srv.url}/v1/chat/completions", timeout=60, json={
+                "model": "lora-serve", "messages": MESSAGES, "max_tokens": 4000, "stream": True}) as stream:
+            lines = stream.iter_lines()
+            assert next(lines).startswith("data: ") and next(lines) == ""
+            next(lines)                                  # a first delta: generation runs; then hang up
+        r = post(srv, {"model": "lora-serve", "messages": MESSAGES, "max_tokens": 8})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{srv.url}/health", timeout=5).json()["queue"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert httpx.get(f"{srv.url}/health", timeout=5).json()["queue"] == 0
+    abandoned = [run for run in runs if run["max"] == 4000]
+    assert len(runs) - len(abandoned) == 1 and 1 <= len(abandoned) <= 4   # a queued one may never start
+    assert all(run["cancelled"] and run["deltas"] < 4000 for run in abandoned), runs
+
+
+def test_a_full_queue_answers_429_with_retry_after(lm):
+    with serve.ServerThread(serve.create_app(lm, max_tokens=4, temperature=0.0,
+                                             limits=serve.Limits(max_queue=0))) as srv:
+        with ThreadPoolExecutor(1) as pool:
+            with lm.lock:                                # the model is busy (e.g. the chat widget)
+                first = pool.submit(post, srv, {"model": "lora-serve", "messages": MESSAGES})
+                deadline = time.monotonic() + 30
+                while httpx.get(f"{srv.url}/health", timeout=5).json()["queue"] < 1:
+                    assert time.monotonic() < deadline and not first.done()
+                    time.sleep(0.02)
+                busy = post(srv, {"model": "lora-serve", "messages": MESSAGES})
+                assert busy.status_code == 429 and int(busy.headers["retry-after"]) >= 1
+                assert busy.json()["error"]["type"] == "rate_limit_error"
+                with pytest.raises(openai.RateLimitError):
+                    openai.OpenAI(base_url=srv.base_url, api_key="x", max_retries=0).chat.completions.create(
+                        model="lora-serve", messages=MESSAGES)
+                assert not first.done()
+        assert first.result(60).status_code == 200
+
+
+@pytest.mark.parametrize("limits, body, code, param", [
+    ({"max_messages": 3}, {"messages": long_conversation(4)}, "array_above_max_length", "messages"),
+    ({"max_message_chars": 10}, {"messages": [{"role": "user", "content": "あ" * 11}]}, "string_above_max_length",
+     "messages[0].content"),
+    ({"max_body_bytes": 200}, {"messages": [{"role": "user", "content": "x" * 300}]}, "request_too_large", None),
+])
+def test_limits_answer_openai_style(lm, limits, body, code, param):
+    with serve.ServerThread(serve.create_app(lm, max_tokens=4, limits=serve.Limits(**limits))) as srv:
+        r = post(srv, {"model": "lora-serve", **body})
+        err = r.json()["error"]
+        assert r.status_code in (400, 413) and err["code"] == code and err["param"] == param
+        assert set(err) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"seed": 2**64}, "seed"),
+    ({"seed": 2**64, "stream": True}, "seed"),
+    ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"frequency_penalty": 1}, "frequency_penalty"),
+    ({"logit_bias": {"5": 10}}, "logit_bias"),
+    ({"logprobs": True}, "logprobs"),
+    ({"max_tokens": 5000}, "max_tokens"),
+    ({"max_completion_tokens": 5000}, "max_completion_tokens"),
+    ({"truncation": "sometimes"}, "truncation"),
+])
+def test_parameter_errors_name_the_parameter_before_any_stream(server, body, param):
+    r = post(server, {"model": "lora-serve", "messages": MESSAGES, **body})
+    assert r.status_code == 400 and r.headers["content-type"].startswith("application/json")
+    assert r.json()["error"]["param"] == param
+
+
+def test_no_op_sampling_values_and_ignored_fields_are_accepted(server):
+    r = post(server, {"model": "lora-serve", "messages": MESSAGES, "max_tokens": 2, "presence_penalty": 0,
+                      "frequency_penalty": 0.0, "logit_bias": {}, "user": "u1", "metadata": {"a": "b"},
+                      "seed": -5})
+    assert r.status_code == 200, r.text
+
+
+def test_browser_safety(server, lm):
+    url = f"{server.url}/v1/chat/completions"
+    body = json.dumps({"model": "lora-serve", "messages": MESSAGES, "max_tokens": 2})
+    # a cross-site "simple" POST (no preflight): text/plain is refused before anything runs
+    r = httpx.post(url, content=body, headers={"content-type": "text/plain", "origin": "http://evil.example"})
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
+    assert "access-control-allow-origin" not in r.headers
+    r = httpx.post(url, content=body, headers={"content-type": "application/json", "host": "evil.example"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_host"
+    for host in (f"localhost:{server.port}", f"127.0.0.1:{server.port}"):
+        assert httpx.get(f"{server.url}/health", headers={"host": host}).status_code == 200
+    r = httpx.post(url, content=body, headers={"content-type": "application/json", "origin": "http://evil.example"})
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers     # no CORS by default
+    r = httpx.post(url, content=b"[" * 100_000 + b"]" * 100_000, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    r = httpx.get(url)
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    spec = httpx.get(f"{server.url}/openapi.json").json()
+    schema = spec["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert {"model", "messages", "max_tokens", "temperature", "top_p", "seed", "stop", "stream",
+            "truncation"} <= set(schema["properties"]) and schema["required"] == ["model", "messages"]
+    with serve.ServerThread(serve.create_app(lm, cors_origins=["http://localhost:3000"],
+                                             allowed_hosts=["kokoro.test"])) as srv:
+        r = httpx.options(f"{srv.url}/v1/chat/completions", headers={
+            "origin": "http://localhost:3000", "access-control-request-method": "POST",
+            "access-control-request-headers": "content-type"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://localhost:3000"
+        assert httpx.get(f"{srv.url}/health", headers={"host": "kokoro.test"}).status_code == 200
+
+
+def test_with_a_key_docs_are_behind_it_too_and_the_banner_says_how_to_pass_it(lm):
+    with serve.ServerThread(serve.create_app(lm, api_key="sekrit")) as srv:
+        for path in ("/docs", "/openapi.json"):
+            assert httpx.get(f"{srv.url}{path}").status_code == 401
+            assert httpx.get(f"{srv.url}{path}", headers={"authorization": "Bearer sekrit"}).status_code == 200
+        app = srv.app
+    text = serve.banner(app, "127.0.0.1", 8000, "KOKORO_KEY", {"device": "cpu", "dtype": "float32"})
+    assert "api_key=os.environ['KOKORO_KEY']" in text and "EMPTY" not in text
+    assert "api_key='EMPTY'" in serve.banner(app, "127.0.0.1", 8000, None, {"device": "cpu", "dtype": "float32"})
+
+
+def test_cli_refuses_impossible_limits(tmp_path, capsys):
+    assert serve.main(["--model", str(tmp_path / "nope"), "--max-messages", "0"]) == 2
+    assert "--max-messages must be at least 1" in capsys.readouterr().err
+    assert serve.main(["--model", str(tmp_path / "nope"), "--max-queue", "-1"]) == 2
+    with pytest.raises(SystemExit):
+        serve.main(["--model", "x", "--truncation", "sometimes"])
