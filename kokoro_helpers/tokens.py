@@ -40,7 +40,11 @@ ENCODING_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1
 # (benchmarks/bench_data.py's full-size synthetic corpus; scripts/calibrate_token_estimate.py
 # measures it: -0.3% there): tokens per non-ASCII character, ~1 per 4 ASCII characters, and one
 # token per role name (as in o200k_base). KokoroChat's own text is a little less dense
-# (0.681 tokens/char, KOKOROCHAT.md), so there the estimate runs ~5% high: a labelled upper side.
+# (0.681 tokens/char, KOKOROCHAT.md): its published total (13,814,682 with a one-sentence system
+# prompt) is matched at 0.675, so there 0.71 runs ~4.3% high: a labelled upper side. A per-class
+# estimate (hiragana/katakana/kanji/punctuation rates) was tried and transfers no better between
+# populations than this flat rate (counselor -> client text: -1.9% vs -0.2%); `--transfer` of the
+# calibration script prints the comparison.
 EST_NON_ASCII = 0.71
 EST_ASCII = 0.25
 EST_ROLE = 1
