@@ -36,16 +36,16 @@ TOKENS_PER_NAME = 1     # a message's `name` costs its tokens + 1 (OpenAI's num_
 # run time when tiktoken is installed; this copy is the fallback and is checked against it in tests)
 ENCODING_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
 
-# Estimate without the encoding file, calibrated against exact o200k_base counts of Japanese chat
-# (benchmarks/bench_data.py's full-size synthetic corpus; scripts/calibrate_token_estimate.py
-# measures it: -0.3% there): tokens per non-ASCII character, ~1 per 4 ASCII characters, and one
-# token per role name (as in o200k_base). KokoroChat's own text is a little less dense
-# (0.681 tokens/char, KOKOROCHAT.md): its published total (13,814,682 with a one-sentence system
-# prompt) is matched at 0.675, so there 0.71 runs ~4.3% high: a labelled upper side. A per-class
-# estimate (hiragana/katakana/kanji/punctuation rates) was tried and transfers no better between
-# populations than this flat rate (counselor -> client text: -1.9% vs -0.2%); `--transfer` of the
-# calibration script prints the comparison.
-EST_NON_ASCII = 0.71
+# Estimate without the encoding file (a last fallback: `make setup` installs the exact file),
+# calibrated against exact o200k_base counts of Japanese chat: tokens per non-ASCII character,
+# ~1 per 4 ASCII characters, one token per role name (as in o200k_base). The rate is chosen for
+# KokoroChat itself: its published totals (17,059,906 characters; 13,814,682 tokens with a
+# one-sentence system prompt, KOKOROCHAT.md) are matched at 0.675 and come out +1.8% at 0.69;
+# the project's sample text is denser (-1% on the sample's examples, -2.7% on the recombined
+# full-size synthetic corpus of benchmarks/bench_data.py, whose own best rate is 0.713).
+# scripts/calibrate_token_estimate.py --fit --transfer prints these; a per-class estimate
+# (hiragana/katakana/kanji/punctuation rates) transfers no better between speakers.
+EST_NON_ASCII = 0.69
 EST_ASCII = 0.25
 EST_ROLE = 1
 _ROLE, _CONTENT = itemgetter("role"), itemgetter("content")
