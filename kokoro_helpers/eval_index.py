@@ -11,7 +11,7 @@ from typing import Any
 from .jsonio import read_json
 
 
-def _fmt(v: Any, spec: str = ".3f") -> str:
+def fmt_num(v: Any, spec: str = ".3f") -> str:
     try:
         f = float(v)
     except (TypeError, ValueError):
@@ -19,7 +19,7 @@ def _fmt(v: Any, spec: str = ".3f") -> str:
     return "n/a" if math.isnan(f) else format(f, spec)
 
 
-def _frame_html(frame) -> str:
+def frame_html(frame) -> str:
     return frame.to_html(index=False, classes="metrics", na_rep="n/a", float_format=lambda x: f"{x:.3f}")
 
 
@@ -37,7 +37,7 @@ def index_parts(eval_dir: Path) -> list[str]:
                     "show the machinery.</p>" if fake else "")
             parts.append("<h3>Judge validity: judge vs the clients' own ratings (test sessions)</h3>" + head
                          + f"<p>{html.escape(str(meta.get('sentence', '')))}</p>"
-                         + _frame_html(table[[c for c in ("criterion", "n", "spearman", "kendall", "ci_low", "ci_high")
+                         + frame_html(table[[c for c in ("criterion", "n", "spearman", "kendall", "ci_low", "ci_high")
                                               if c in table]].round(3)))
     except Exception:  # noqa: BLE001 - the index renders whatever the files hold
         pass
@@ -48,7 +48,7 @@ def index_parts(eval_dir: Path) -> list[str]:
         if csv.is_file():
             table = pd.read_csv(csv)
             parts.append("<h3>Paired comparisons (mean difference A − B, paired bootstrap 95% CI)</h3>"
-                         + (_frame_html(table.round(3)) if len(table) else "<p>No pair to compare.</p>"))
+                         + (frame_html(table.round(3)) if len(table) else "<p>No pair to compare.</p>"))
     except Exception:  # noqa: BLE001
         pass
     return parts
@@ -68,11 +68,11 @@ def _prediction_part(path: Path) -> list[str]:
                                  "spearman": r.get("spearman"), "mae": r.get("mae"), "mae_of_mean": r.get("mae_of_mean")})
             if rows:
                 s = rep["targets"].get("score", {}).get("test") or {}
-                line = (f"Overall score on {s.get('n')} test sessions: MAE {_fmt(s.get('mae'), '.2f')} vs "
-                        f"{_fmt(s.get('mae_of_mean'), '.2f')} for the train mean, Spearman {_fmt(s.get('spearman'), '+.2f')}."
+                line = (f"Overall score on {s.get('n')} test sessions: MAE {fmt_num(s.get('mae'), '.2f')} vs "
+                        f"{fmt_num(s.get('mae_of_mean'), '.2f')} for the train mean, Spearman {fmt_num(s.get('spearman'), '+.2f')}."
                         if s else "")
                 parts.append(f"<h3>Score prediction ({html.escape(str(rep.get('predictor')))}, test split)</h3>"
-                             f"<p>{html.escape(line)}</p>" + _frame_html(pd.DataFrame(rows)))
+                             f"<p>{html.escape(line)}</p>" + frame_html(pd.DataFrame(rows)))
     except Exception:  # noqa: BLE001
         pass
     return parts

@@ -62,49 +62,44 @@ def _require(mapping: Any, key: str, where: str) -> Any:
     return mapping[key]
 
 
+def _validate_section(section: Any, where: str, required: tuple[str, ...], optional: tuple[str, ...]) -> None:
+    """One provider's block: source, as_of and models{name: {price: number}} (+ batch, note)."""
+    if not isinstance(section, dict):
+        raise PriceError(f"{where} must be a mapping")
+    for key in ("source", "as_of"):
+        _require(section, key, where)
+    models = _require(section, "models", where)
+    if not isinstance(models, dict) or not models:
+        raise PriceError(f"{where}.models must map base-model names to their prices")
+    allowed = set(required) | set(optional) | {"batch", "note"}
+    for name, entry in models.items():
+        at = f"{where}.models.{name}"
+        if not isinstance(entry, dict):
+            raise PriceError(f"{at} must be a mapping of {required + optional}")
+        for key in required:
+            _number(_require(entry, key, at), f"{at}.{key}")
+        for key in optional:
+            if key in entry:
+                _number(entry[key], f"{at}.{key}")
+        unknown = set(entry) - allowed
+        if unknown:
+            raise PriceError(f"{at}: unknown keys {sorted(unknown)} (allowed: {sorted(allowed)})")
+        if "batch" in entry:
+            batch = entry["batch"]
+            if not isinstance(batch, dict) or set(batch) - set(BATCH_KEYS):
+                raise PriceError(f"{at}.batch must map some of {BATCH_KEYS} to prices")
+            for key, value in batch.items():
+                _number(value, f"{at}.batch.{key}")
+
+
 def validate_prices(raw: Any, origin: str = "prices") -> None:
     """Raise PriceError naming the first problem of a price table (see params/prices.yaml)."""
     if not isinstance(raw, dict):
         raise PriceError(f"{origin}: the price table must be a YAML mapping")
-    oa = _require(raw, "openai", origin)
-    for key in ("source", "as_of"):
-        _require(oa, key, f"{origin}: openai")
-    models = _require(oa, "models", f"{origin}: openai")
-    if not isinstance(models, dict) or not models:
-        raise PriceError(f"{origin}: openai.models must map base-model names to their prices")
-    for name, entry in models.items():
-        where = f"{origin}: openai.models.{name}"
-        if not isinstance(entry, dict):
-            raise PriceError(f"{where} must be a mapping of {PRICE_KEYS}")
-        for key in PRICE_KEYS:
-            _number(_require(entry, key, where), f"{where}.{key}")
-        unknown = set(entry) - set(PRICE_KEYS) - {"batch", "note"}
-        if unknown:
-            raise PriceError(f"{where}: unknown keys {sorted(unknown)} (allowed: {PRICE_KEYS}, batch, note)")
-        if "batch" in entry:
-            batch = entry["batch"]
-            if not isinstance(batch, dict) or set(batch) - set(BATCH_KEYS):
-                raise PriceError(f"{where}.batch must map some of {BATCH_KEYS} to prices")
-            for key, value in batch.items():
-                _number(value, f"{where}.batch.{key}")
-    az = raw.get("azure")
-    if az is not None:
-        for key in ("source", "as_of"):
-            _require(az, key, f"{origin}: azure")
-        az_models = _require(az, "models", f"{origin}: azure")
-        if not isinstance(az_models, dict) or not az_models:
-            raise PriceError(f"{origin}: azure.models must map base-model names to their prices")
-        for name, entry in az_models.items():
-            where = f"{origin}: azure.models.{name}"
-            if not isinstance(entry, dict):
-                raise PriceError(f"{where} must be a mapping of prices")
-            _number(_require(entry, "training", where), f"{where}.training")
-            for key in ("input", "cached_input", "output", "hosting_per_hour"):
-                if key in entry:
-                    _number(entry[key], f"{where}.{key}")
-            unknown = set(entry) - set(PRICE_KEYS) - {"hosting_per_hour", "note", "batch"}
-            if unknown:
-                raise PriceError(f"{where}: unknown keys {sorted(unknown)}")
+    _validate_section(_require(raw, "openai", origin), f"{origin}: openai", required=PRICE_KEYS, optional=())
+    if raw.get("azure") is not None:   # Azure: per-token prices where published, plus hosting per hour
+        _validate_section(raw["azure"], f"{origin}: azure", required=("training",),
+                          optional=("input", "cached_input", "output", "hosting_per_hour"))
     fx = _require(raw, "exchange_rate", origin)
     rate = _number(_require(fx, "jpy_per_usd", f"{origin}: exchange_rate"), f"{origin}: exchange_rate.jpy_per_usd")
     if rate <= 0:

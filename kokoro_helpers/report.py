@@ -98,17 +98,8 @@ def key_figures(run_dir: Path) -> dict[str, str]:
     notebooks wrote into run_dir: 01 dialogues, splits and tokens; 02 each model's training result
     and held-out loss, and the OpenAI request's estimate; 03 the metrics table and the human-score
     summary; 05 the cost table of cost/summary.json. A step without artefacts has no entry."""
-    import math
 
-    def num(value: Any, spec: str = ".3f") -> str:
-        try:
-            f = float(value)
-        except (TypeError, ValueError):
-            return "n/a"
-        return "n/a" if math.isnan(f) else format(f, spec)
-
-    def frame_html(frame) -> str:
-        return frame.to_html(index=False, classes="metrics", na_rep="n/a", float_format=lambda x: f"{x:.3f}")
+    from .eval_index import fmt_num as num, frame_html
 
     out: dict[str, str] = {}
     stats = _read_json(run_dir / "data" / "stats.json")

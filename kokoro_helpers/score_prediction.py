@@ -31,8 +31,20 @@ class PredictionError(RuntimeError):
     """Score prediction cannot run on these sessions; the message says why and what to do."""
 
 
+class RatesTexts:
+    """`rate(texts)` for any predictor with `predict(texts) -> {target: [values]}`."""
+
+    def rate(self, texts: Sequence[str], names: Sequence[str] | None = None):
+        """A DataFrame: one row per text, one column per target (predicted client rating)."""
+        import pandas as pd
+        frame = pd.DataFrame(self.predict(texts))
+        if names is not None:
+            frame.index = list(names)
+        return frame
+
+
 @dataclass
-class ScorePredictor:
+class ScorePredictor(RatesTexts):
     """A fitted vectorizer and one ridge per target; `predict(texts)` -> {target: [values]}."""
 
     vectorizer: Any
@@ -57,13 +69,6 @@ class ScorePredictor:
             out[target] = list(np.clip(values, 0, hi) if hi is not None else values)
         return out
 
-    def rate(self, texts: Sequence[str], names: Sequence[str] | None = None):
-        """A DataFrame: one row per text, one column per target (predicted client rating)."""
-        import pandas as pd
-        frame = pd.DataFrame(self.predict(texts))
-        if names is not None:
-            frame.index = list(names)
-        return frame
 
 
 @dataclass

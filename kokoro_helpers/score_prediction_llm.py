@@ -21,6 +21,7 @@ from typing import Any, Mapping, Sequence
 from .cards import now_iso
 from .jsonio import write_json_atomic
 from .paths import resolve
+from .score_prediction import RatesTexts
 from .sessions import SCORE_MAX, TARGETS, Session
 
 
@@ -61,7 +62,7 @@ def llm_plan(base_model: str | None, mode: str = "auto") -> LLMPlan:
 
 
 @dataclass
-class LLMScorePredictor:
+class LLMScorePredictor(RatesTexts):
     model: Any
     tokenizer: Any
     targets: list[str]
@@ -88,12 +89,6 @@ class LLMScorePredictor:
                     out[t] += [float(v) * SCORE_MAX[t] for v in logits[:, k]]
         return out
 
-    def rate(self, texts: Sequence[str], names: Sequence[str] | None = None):
-        import pandas as pd
-        frame = pd.DataFrame(self.predict(texts))
-        if names is not None:
-            frame.index = list(names)
-        return frame
 
 
 class _Rows:

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from procs import stop
 
 CHROMIUM = next((p for p in (os.environ.get("KOKORO_CHROMIUM"), shutil.which("chromium"),
                              shutil.which("chromium-browser"), "/usr/bin/chromium") if p and Path(p).exists()), None)
@@ -99,13 +100,7 @@ def lab(tmp_path_factory):
     try:
         yield {"url": url, "token": token, "folder": folder}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        proc.stdout.close()
+        stop(proc, 15)
 
 
 @pytest.fixture(scope="module")

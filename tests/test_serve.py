@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from procs import stop
 
 torch = pytest.importorskip("torch")
 openai = pytest.importorskip("openai")
@@ -244,13 +245,7 @@ def test_cli_serves_an_adapter_folder(adapter):
         assert len(events) < 4000 and not any('"finish_reason": "length"' in e for e in events)
         assert events[-2:] == [events[-2], "data: [DONE]"] and "server_shutting_down" in events[-2], events[-3:]
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        proc.stdout.close()
+        stop(proc, 10)
 
 
 def test_cli_reports_a_missing_model(tmp_path, capsys):
