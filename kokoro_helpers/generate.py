@@ -1210,6 +1210,16 @@ def merge_and_export(source: Any, out_dir: str | Path, run_dir: str | Path = DEF
     with _quiet_loading():
         merged = lm.model.merge_and_unload()
     merged.eval()
+    if dtype in (None, "auto"):      # merged in the loading precision (fp32 on a CPU), saved in the base's own
+        import torch
+        try:
+            base_cfg = json.loads((Path(str(info.source.model_path)) / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            base_cfg = {}
+        name = base_cfg.get("dtype") or base_cfg.get("torch_dtype")
+        base_dtype = getattr(torch, str(name), None) if name else None
+        if isinstance(base_dtype, torch.dtype) and base_dtype.is_floating_point and merged.dtype != base_dtype:
+            merged = merged.to(base_dtype)
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -1229,7 +1239,7 @@ def merge_and_export(source: Any, out_dir: str | Path, run_dir: str | Path = DEF
         (tmp / "merge_info.json").write_text(json.dumps({
             "adapter": portable(info.path), "adapter_name": info.name,
             "base_model": info.source.base_model, "base_path": portable(info.source.model_path),
-            "dtype": str(lm.dtype).replace("torch.", ""), "merged_at": cards.now_iso()}, indent=2) + "\n",
+            "dtype": str(merged.dtype).replace("torch.", ""), "merged_at": cards.now_iso()}, indent=2) + "\n",
             encoding="utf-8")
         if out.exists():
             shutil.rmtree(out)
