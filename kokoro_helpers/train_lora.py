@@ -48,11 +48,13 @@ from . import cards
 from .jsonio import file_sha256, read_jsonl
 from .lora_data import ChatEncoder, ChatTemplateError, DataReport, EncodedExample, encode_examples
 from .paths import portable, resolve
+from .memory_plan import return_freed_memory
 from .resources import prefer_passive_openmp
 from .sft_config import LoraTrainConfig
 from .tiny_model import EMBEDDED_TINY, is_embedded, portable_tokenizer_files, quiet_transformers
 
 prefer_passive_openmp()
+return_freed_memory()        # activations freed by a step go back to the system (no heap fragmentation)
 
 SKIPPED_EXIT = 3          # the CLI's status when nothing was trained
 
