@@ -95,6 +95,21 @@ class KokoroSFTTrainer(SFTTrainer):
         self.counters: dict[str, float] = {k: 0 for k in COUNTERS}
         self._step_time: float | None = None
 
+    # ----------------------------------------------------------------- the loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Length-grouped batches are right-padded: a causal model's real tokens then only ever
+        attend to earlier real tokens, so the padding mask changes nothing that is trained and is
+        left out (attention runs its plain causal kernel; padded positions carry label -100).
+        Position ids stand in for it (0..n-1 per row, as the mask would give). The fixed-padding
+        baseline (``batching: max_length``) keeps the mask, as the seeds' pipeline did."""
+        if self.args.train_sampling_strategy == "group_by_length" and "attention_mask" in inputs \
+                and not self.padding_free:
+            ids = inputs["input_ids"]
+            inputs = {k: v for k, v in inputs.items() if k != "attention_mask"}
+            inputs["position_ids"] = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+        return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+
     # ----------------------------------------------------------------- counting
     def _track_num_input_tokens(self, inputs):
         super()._track_num_input_tokens(inputs)

@@ -54,7 +54,6 @@ from .sft_config import LoraTrainConfig
 from .tiny_model import EMBEDDED_TINY, is_embedded, portable_tokenizer_files, quiet_transformers
 
 prefer_passive_openmp()
-return_freed_memory()        # activations freed by a step go back to the system (no heap fragmentation)
 
 SKIPPED_EXIT = 3          # the CLI's status when nothing was trained
 
@@ -344,6 +343,8 @@ class LoraRun:
         self.memory = estimate(self.model_config, cfg, self.plan.device, self.plan.precision,
                                device_memory_gib(self.plan.device, cfg.device_map), model=meta)
         del meta
+        if self.memory.total_gib >= 1.0:     # a real base: freed activations go back to the system (see there)
+            return_freed_memory()
         if not self.memory.fits and cfg.check_memory:
             raise MemoryError(self.memory.describe() + "\n(set check_memory: false to try anyway)")
         self.checked = True
