@@ -379,3 +379,48 @@ def test_a_random_real_architecture_folder_trains_loads_generates_and_merges_in_
             p.add_(0.01)
         m.save_pretrained(base)
     assert base_fingerprint(str(base)) != before
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_a_killed_cli_run_resumes_from_the_trainers_checkpoint(small_run, base_dir, tmp_path):
+    """SIGKILL the CLI once a checkpoint exists; the same command continues from it (same run name)."""
+    import signal
+    import time
+
+    params = tmp_path / "p.yaml"
+    params.write_text(json.dumps(dict(run_dir=str(small_run), local_base_model=str(base_dir), local_mode="train",
+                                      lora_r=4, lora_alpha=8, local_epochs=3, local_batch_size=2,
+                                      learning_rate=5e-3, max_length=256, local_run_name="t-kill", save_steps=2,
+                                      heldout_eval=False)), encoding="utf-8")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", KOKORO_TIKTOKEN_OFFLINE="1")
+    cmd = [sys.executable, "-m", "kokoro_helpers.train_lora", "--params", str(params), "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    root = small_run / "checkpoints" / "t-kill"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        done = [p for p in root.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+        if done:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if not done:
+        pytest.skip("the run finished before a checkpoint could be caught")
+    assert subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, timeout=600).returncode == 0
+    card = cards.load_card(small_run / "models" / "t-kill.json")
+    m = card["training_metrics"]
+    assert m["resumed_from"] and m["resumed_from"][0].startswith("checkpoint-") and m["finished"]
+    assert [r["step"] for r in card["loss_history"]["train"]] == list(range(1, m["total_steps"] + 1))
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_packing_keeps_dialogues_apart_and_trains(small_run, base_dir):
+    run = LoraRun(config(small_run, base_dir, local_epochs=1, packing=True, save_checkpoints=False,
+                         local_run_name="t-pack", max_length=512))
+    result = run.train()
+    m = result.metrics
+    assert m["adapter_valid_loss"] < m["base_valid_loss"]
+    rows = run.trainer.train_dataset
+    assert "seq_lengths" in rows.column_names                  # each row knows where its dialogues start
+    assert len(rows) < result.data["train"]["sequences"]          # fewer, fuller rows
+    assert all(sum(n) <= 512 for n in rows["seq_lengths"])
