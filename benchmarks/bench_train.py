@@ -1,13 +1,13 @@
 """Local LoRA training throughput: the trainer vs the seeds' fixed-length padding, in one run.
 
-Both runs use the same trainer code, base model, data (the embedded default's train split, made
+Both runs use the same trainer (TRL's SFTTrainer through kokoro_helpers.train_lora), base model, data (the embedded default's train split, made
 by 01_data into a temporary folder), LoRA settings, seed, number of optimizer steps and loss
 masking (assistant tokens only). They differ only in batching:
 
-- trainer:  batches grouped by length, each right-padded to its own longest sequence, plain causal
-            attention (right padding never reaches a real token, so no padding mask is needed);
-- baseline: the seeds' style — random batches, every sequence padded to ``max_length``, no packing,
-            with the attention mask their Hugging Face pipeline passed.
+- trainer:  batches grouped by length over the whole split, each right-padded to its own longest
+            sequence;
+- baseline: the seeds' style — random batches, every sequence padded to ``max_length``
+            (SFTConfig ``pad_to_multiple_of=max_length``), no packing.
 
 Throughput counts real (non-padding) tokens per second of training-step time; both runs train
 exactly the same real tokens, so the ratio is the time the baseline wastes on padding.
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("KOKORO_TIKTOKEN_OFFLINE", "1")   # the counts 01 writes do not matter here
         prepare_data(run_dir=str(run_dir), progress=False, **data_args)
         overrides = dict(run_dir=str(run_dir), local_epochs=args.epochs, progress=False, resume="never",
-                         save_checkpoints=False, eval_each_epoch=False, evaluate_base=False, max_steps=None)
+                         save_checkpoints=False, heldout_eval=False, max_steps=None)
         if args.max_length:
             overrides["max_length"] = args.max_length
         if args.batch_size:

@@ -559,7 +559,7 @@ class LocalResponder:
         if self._fingerprint is None:
             fp = None
             if self.card is not None and self.base_only:
-                fp = f"base:{self.card.get('base_model')}"
+                fp = f"base:{self.card.get('base_fingerprint') or self.card.get('base_model')}"   # by content
             elif self.card is not None:
                 from .cards import adapter_dir
                 folder = adapter_dir(self.card, self.card_path)

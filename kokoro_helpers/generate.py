@@ -756,8 +756,10 @@ def render_prompt(tokenizer, messages: Messages) -> str:
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("this tokenizer has no chat template: use an instruct/chat model, or the tokenizer saved "
                          "with the adapter (02 saves the template it trained with)")
-    from .lora_data import chat_template_kwargs   # the same switches training rendered with (Qwen3: no thinking)
-    return tokenizer.apply_chat_template(clean_messages(messages), tokenize=False, add_generation_prompt=True,
+    # the same messages and switches training rendered (system_prompt_mode; Qwen3: no thinking)
+    from .lora_data import apply_system_prompt_mode, chat_template_kwargs, trained_system_prompt_mode
+    msgs = apply_system_prompt_mode(clean_messages(messages), trained_system_prompt_mode(tokenizer))
+    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True,
                                          **chat_template_kwargs(tokenizer))
 
 
@@ -1284,6 +1286,16 @@ def merge_and_export(source: Any, out_dir: str | Path, run_dir: str | Path = DEF
     with _quiet_loading():
         merged = lm.model.merge_and_unload()
     merged.eval()
+    if dtype in (None, "auto"):      # merged in the loading precision (fp32 on a CPU), saved in the base's own
+        import torch
+        try:
+            base_cfg = json.loads((Path(str(info.source.model_path)) / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            base_cfg = {}
+        name = base_cfg.get("dtype") or base_cfg.get("torch_dtype")
+        base_dtype = getattr(torch, str(name), None) if name else None
+        if isinstance(base_dtype, torch.dtype) and base_dtype.is_floating_point and merged.dtype != base_dtype:
+            merged = merged.to(base_dtype)
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -1303,7 +1315,7 @@ def merge_and_export(source: Any, out_dir: str | Path, run_dir: str | Path = DEF
         (tmp / "merge_info.json").write_text(json.dumps({
             "adapter": portable(info.path), "adapter_name": info.name,
             "base_model": info.source.base_model, "base_path": portable(info.source.model_path),
-            "dtype": str(lm.dtype).replace("torch.", ""), "merged_at": cards.now_iso()}, indent=2) + "\n",
+            "dtype": str(merged.dtype).replace("torch.", ""), "merged_at": cards.now_iso()}, indent=2) + "\n",
             encoding="utf-8")
         if out.exists():
             shutil.rmtree(out)

@@ -43,6 +43,8 @@ IGNORE_INDEX = -100
 _SRC = "_src"          # private key: a message's index in its original example (survives windowing)
 SYSTEM_PROMPT_MODES = ("keep", "merge_into_first_user", "drop", "auto")
 EXCHANGE_TOO_LONG = "exchange_exceeds_max_length"
+# tokenizer_config.json key under which 02 saves the mode training used, so generation applies it too
+SYSTEM_PROMPT_MODE_KEY = "kokoro_system_prompt_mode"
 _MODE_HINT = ("set system_prompt_mode: merge_into_first_user (the system text goes into the first user turn, "
               "or opens the conversation as one) or drop (02's parameter; auto picks for you)")
 
@@ -87,6 +89,12 @@ def apply_system_prompt_mode(messages: Sequence[dict[str, Any]], mode: str = "ke
     if rest and rest[0].get("role") == "user":
         return [dict(rest[0], content=text + "\n\n" + rest[0]["content"])] + rest[1:]
     return [{"role": "user", "content": text}] + rest
+
+
+def trained_system_prompt_mode(tokenizer: Any) -> str:
+    """The system_prompt_mode an adapter was trained with (saved with its tokenizer; keep if none)."""
+    mode = (getattr(tokenizer, "init_kwargs", None) or {}).get(SYSTEM_PROMPT_MODE_KEY) or "keep"
+    return mode if mode in SYSTEM_PROMPT_MODES and mode != "auto" else "keep"
 
 
 @dataclass

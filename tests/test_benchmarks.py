@@ -29,6 +29,7 @@ def test_bench_data_quick(tmp_path):
 @pytest.mark.parametrize("script,args", [
     ("bench_generate.py", ["--run-dir", "{tmp}", "--prompts", "4", "--batch-size", "2", "--max-new-tokens", "3", "--repeat", "1"]),
     ("bench_train.py", ["--epochs", "1", "--repeats", "1", "--max-length", "256"]),
+    ("bench_real_shapes.py", ["--quick"]),
 ])
 def test_bench_models_quick(script, args, tmp_path):
     _run(script, *[a.replace("{tmp}", str(tmp_path)) for a in args], tmp_path=tmp_path)

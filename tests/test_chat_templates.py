@@ -378,3 +378,27 @@ def test_every_base_suggested_in_kokorochat_yaml_works_with_it_as_is(base_tokeni
             for name in ("system_counselor_first", "system_client_first"):
                 messages = [system] + shape(name)[1:]
                 check_exact(encoder, tokenizer, messages)
+
+
+def test_generation_renders_the_system_prompt_as_training_did(base_tokenizers, tmp_path):
+    """An adapter trained with system_prompt_mode merge (Gemma-2 has no system role) saves that mode
+    with its tokenizer; generate.render_prompt applies it, so the prompt equals the text training put
+    before the reply — and a tokenizer saved without the mode keeps the messages as they are."""
+    from transformers import AutoTokenizer
+
+    from kokoro_helpers.generate import render_prompt
+    from kokoro_helpers.lora_data import SYSTEM_PROMPT_MODE_KEY, trained_system_prompt_mode
+
+    tokenizer = make_tokenizer(base_tokenizers, "gemma-2", "no_prefix")
+    encoder = ChatEncoder(tokenizer, system_prompt_mode="auto")
+    assert encoder.system_prompt_mode == "merge_into_first_user"
+    context = shape("system_client_first")[:-1]
+    assert context[0]["role"] == "system" and context[-1]["role"] == "user"
+    with pytest.raises(Exception):                 # the template itself refuses a system message
+        render_prompt(tokenizer, context)
+    tokenizer.init_kwargs[SYSTEM_PROMPT_MODE_KEY] = encoder.system_prompt_mode
+    tokenizer.save_pretrained(tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert trained_system_prompt_mode(reloaded) == "merge_into_first_user"
+    assert render_prompt(reloaded, context) == encoder.generation_prompt(context)
+    assert context[0]["content"] in render_prompt(reloaded, context)

@@ -1,4 +1,5 @@
-"""Local LoRA path (issue #4): label masking, windows, batching, training, save/load, resume.
+"""Local LoRA data (issue #4): label masking, windows, batching, the resource monitor. Training,
+save/load and resume on TRL's SFTTrainer: tests/test_train_lora.py.
 
 Everything runs offline on the CPU with a very small tiny-model recipe (built in seconds into a
 temporary cache) and a cut-down copy of the embedded sample's splits, so the whole file takes
@@ -6,18 +7,15 @@ well under a minute and a half on 2 cores.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
-from kokoro_helpers import cards
 from kokoro_helpers import tiny_model as tm
 from kokoro_helpers.data import prepare_data
 from kokoro_helpers.tokens import estimate_counter
 from kokoro_helpers.lora_data import (IGNORE_INDEX, ChatEncoder, ChatTemplateError, encode_examples,
                                       length_grouped_batches, padding_fraction, random_batches, window_example)
-from kokoro_helpers.train_lora import LoraRun, LoraTrainConfig, main, make_plan, train_lora
 
 SMALL = tm.TinyRecipe(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
@@ -49,26 +47,6 @@ def sample(tmp_path_factory):
         mp.setenv("KOKORO_TIKTOKEN_OFFLINE", "1")
         result = prepare_data(run_dir=str(run_dir), system_prompt=SYSTEM, progress=False, token_counter=estimate_counter())
     return result
-
-
-@pytest.fixture
-def small_run(sample, tmp_path) -> Path:
-    """A run_dir whose data/ holds the first 6 train and 2 valid examples of the sample."""
-    data = tmp_path / "run" / "data"
-    data.mkdir(parents=True)
-    for split, n in (("train", 6), ("valid", 2)):
-        rows = sample.examples[split][:n]
-        (data / f"{split}.jsonl").write_text(
-            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return tmp_path / "run"
-
-
-def config(run_dir: Path, base_dir: Path, **kw) -> LoraTrainConfig:
-    values = dict(run_dir=str(run_dir), local_base_model=str(base_dir), local_mode="train", lora_r=4,
-                  lora_alpha=8, local_epochs=2, local_batch_size=2, learning_rate=5e-3, max_length=256,
-                  local_run_name="t-lora", progress=False, seed=7)
-    values.update(kw)
-    return LoraTrainConfig(**values)
 
 
 def labelled_text(tokenizer, enc) -> str:
@@ -241,118 +219,3 @@ def test_resource_monitor_shows_and_warns_once(tmp_path):
     assert ResourceMonitor(tmp_path, warn_at=101.0).check() == []
     quiet_cpu = ResourceMonitor(tmp_path, warn_at=0.0, warn_cpu=False)
     assert "cpu" in quiet_cpu.postfix() and not any(" cpu " in line for line in quiet_cpu.check())
-
-
-# ------------------------------------------------------------------------------------ config, plan
-
-def test_config_from_params_coerces_and_validates():
-    cfg = LoraTrainConfig.from_params({"learning_rate": "2e-3", "local_epochs": "2", "other": 1,
-                                       "target_modules": "q_proj, v_proj"}, max_steps=None)
-    assert cfg.learning_rate == 0.002 and cfg.local_epochs == 2 and cfg.target_modules == ["q_proj", "v_proj"]
-    with pytest.raises(ValueError, match="local_mode"):
-        LoraTrainConfig.from_params({"local_mode": "maybe"})
-    with pytest.raises(TypeError, match="unknown"):
-        LoraTrainConfig.from_params({}, lora_rank=4)
-
-
-def test_plan_skips_hub_models_on_cpu(monkeypatch):
-    import kokoro_helpers.train_lora as tl
-
-    monkeypatch.setattr(tl, "_cuda_available", lambda: False)
-    plan = make_plan(LoraTrainConfig(local_base_model="Qwen/Qwen2.5-0.5B-Instruct"))
-    assert plan.action == "skip" and "GPU" in plan.reason and plan.precision == "fp32"
-    assert make_plan(LoraTrainConfig()).action == "train"                      # embedded:tiny on CPU
-    assert make_plan(LoraTrainConfig(local_mode="off")).action == "skip"
-    forced = make_plan(LoraTrainConfig(local_base_model="Qwen/Qwen2.5-0.5B-Instruct", local_mode="train"))
-    assert forced.action == "train" and "slow" in forced.reason
-    result = LoraRun(LoraTrainConfig(local_mode="off")).train()
-    assert not result.trained and "off" in result.skipped
-
-
-def test_cli_skips_cleanly_and_reports_bad_settings(tmp_path, capsys):
-    params = tmp_path / "p.yaml"
-    params.write_text(f"run_dir: {tmp_path / 'r'}\nlocal_mode: 'off'\n", encoding="utf-8")
-    assert main(["--params", str(params)]) == 0
-    assert "skipped" in capsys.readouterr().out.lower()
-    assert main(["--params", str(params), "--set", "local_mode=sometimes"]) == 2
-    assert "local_mode" in capsys.readouterr().err
-    assert main(["--params", str(params), "--set", "local_mode=off"]) == 0     # YAML's off = False
-    assert "skipped" in capsys.readouterr().out.lower()
-
-
-def test_missing_data_says_to_run_01(tmp_path, base_dir):
-    with pytest.raises(FileNotFoundError, match="01_data"):
-        LoraRun(config(tmp_path / "empty", base_dir)).prepare()
-
-
-# ------------------------------------------------------------------------------------ training
-
-@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
-def test_train_writes_adapter_and_card_and_reloads_identically(small_run, base_dir):
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    run = LoraRun(config(small_run, base_dir, lora_dropout=0.1))
-    result = run.train()
-    folder = small_run / "models" / "t-lora"
-    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
-                 "chat_template.jinja", "README.md", "history.json"):
-        assert (folder / name).is_file(), name
-    card = cards.load_card(small_run / "models" / "t-lora.json")
-    assert card["kind"] == "local_lora" and card["model_id"] == "t-lora"
-    assert card["base_model"] == str(base_dir) and Path(card["adapter_path"]).name == "t-lora"
-    m = card["training_metrics"]
-    for key in ("base_valid_loss", "adapter_valid_loss", "train_tokens_per_s", "padding_fraction", "wall_s",
-                "trainable_params", "total_params"):
-        assert m[key] is not None, key
-    assert 0 < m["trainable_params"] < m["total_params"]
-    assert m["adapter_valid_loss"] < m["base_valid_loss"]
-    assert len(card["loss_history"]["train"]) == m["global_step"] == result.metrics["total_steps"]
-    assert [v["epoch"] for v in card["loss_history"]["valid"]] == [1, 2]
-    assert card["training_params"]["lora_r"] == 4
-    assert any(c["model_id"] == "t-lora" for _, c in cards.list_cards(small_run))
-    readme = (folder / "README.md").read_text(encoding="utf-8")
-    assert "sha256" in readme and card["training_data"]["train_sha256"] in readme
-
-    # the saved adapter + tokenizer reproduce the trained model's logits exactly
-    tok = AutoTokenizer.from_pretrained(folder)
-    assert tok.chat_template == AutoTokenizer.from_pretrained(base_dir).chat_template
-    trained = run.accelerator.unwrap_model(run.model).eval()
-    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), folder).eval()
-    ids = torch.tensor([run.items["valid"][0].input_ids])
-    with torch.no_grad():
-        a, b = trained(input_ids=ids).logits, loaded(input_ids=ids).logits
-    assert torch.equal(a, b)
-
-
-def test_resume_continues_the_step_count_and_matches_an_uninterrupted_run(small_run, base_dir):
-    from safetensors.torch import load_file
-
-    cfg = config(small_run, base_dir, lora_dropout=0.1, local_epochs=2, evaluate_base=False)
-    part = train_lora(cfg, max_steps=4)
-    total = part.metrics["total_steps"]
-    assert total > 4 and part.metrics["global_step"] == 4 and not part.metrics["finished"]
-    assert (small_run / "checkpoints" / "t-lora" / "checkpoint-4").is_dir()
-
-    resumed = train_lora(cfg)                         # resume="auto": picks up checkpoint-4
-    assert resumed.metrics["resumed_from"] == ["checkpoint-4"]
-    assert [r["step"] for r in resumed.history["train"]] == list(range(1, total + 1))
-    assert resumed.metrics["global_step"] == total and resumed.metrics["finished"]
-
-    straight = train_lora(cfg, local_run_name="t-straight", resume="never")
-    assert [r["loss"] for r in straight.history["train"]] == [r["loss"] for r in resumed.history["train"]]
-    wa = load_file(str(small_run / "models" / "t-lora" / "adapter_model.safetensors"))
-    wb = load_file(str(small_run / "models" / "t-straight" / "adapter_model.safetensors"))
-    assert wa.keys() == wb.keys()
-    assert all(wa[k].equal(wb[k]) for k in wa)
-
-
-def test_grad_accum_and_fixed_padding_baseline_train(small_run, base_dir):
-    result = train_lora(config(small_run, base_dir, grad_accum=2, local_epochs=1, batching="max_length",
-                               save_checkpoints=False, local_run_name="t-ga"))
-    m = result.metrics
-    micro_batches = -(-result.data["train"]["sequences"] // 2)
-    assert m["global_step"] == -(-micro_batches // 2)  # one optimizer step per 2 micro-batches
-    assert m["padding_fraction"] > 0.2                 # everything padded to max_length=256
-    assert m["adapter_valid_loss"] < m["base_valid_loss"]
