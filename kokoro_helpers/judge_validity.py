@@ -14,11 +14,10 @@ Spearman's rho and Kendall's tau between judge and clients, with a bootstrap 95%
 """
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 from .jsonio import write_json_atomic
 from .paths import resolve

@@ -26,14 +26,12 @@ Rules (issues #4, #10):
   trained exactly once. Text is never truncated: an exchange that cannot fit even alone (with
   the system message and the preamble) is dropped, counted and reported
   (``DataReport.dropped``, reason ``exchange_exceeds_max_length``); nothing that fits is dropped.
-- Batches group examples of similar length and pad only to the longest in the batch, on the
-  right, so little compute goes to padding (``padding_fraction`` measures what is left) and a
-  causal model needs no padding mask.
+- Batching is the trainer's (train_callbacks.EpochLengthGroupedSampler: similar lengths together,
+  padded on the right only to the longest in the batch).
 """
 from __future__ import annotations
 
 import bisect
-import random
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -707,70 +705,3 @@ def encode_examples(examples: Iterable[Any], encoder: ChatEncoder, max_length: i
     report.trained_tokens = sum(e.trained_tokens for e in items)
     report.longest = max((len(e) for e in items), default=0)
     return items, report
-
-
-# ------------------------------------------------------------------------------ batches
-
-def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int,
-                           megabatch: int = 50) -> list[list[int]]:
-    """Batches of similar length, in a seeded random order that changes each epoch.
-
-    Indices are shuffled, cut into mega-batches of ``batch_size * megabatch``, sorted by length
-    inside each, and cut into batches; the batch order is shuffled, with the longest batch first
-    (an out-of-memory error shows at step 1, not at the end of an epoch).
-    """
-    rng = random.Random(f"{seed}:{epoch}")
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    size = max(1, batch_size * megabatch)
-    batches: list[list[int]] = []
-    for start in range(0, len(order), size):
-        mega = sorted(order[start:start + size], key=lambda i: -lengths[i])
-        batches.extend(mega[k:k + batch_size] for k in range(0, len(mega), batch_size))
-    rng.shuffle(batches)
-    if batches:
-        longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]))
-        batches.insert(0, batches.pop(longest))
-    return batches
-
-
-def random_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Batches in a seeded random order without grouping by length (the baseline's sampler)."""
-    rng = random.Random(f"{seed}:{epoch}")
-    order = list(range(n))
-    rng.shuffle(order)
-    return [order[k:k + batch_size] for k in range(0, n, batch_size)]
-
-
-def sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Deterministic batches for evaluation: longest first, so padding is minimal."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
-
-
-def padding_fraction(lengths: Sequence[int], batches: Iterable[Sequence[int]], pad_to: int | None = None) -> float:
-    """Share of the batch tensors' positions that are padding (pad_to: fixed length, else the batch max)."""
-    real = padded = 0
-    for batch in batches:
-        width = pad_to or max(lengths[i] for i in batch)
-        real += sum(lengths[i] for i in batch)
-        padded += width * len(batch)
-    return 1.0 - real / padded if padded else 0.0
-
-
-def collate(items: Sequence[EncodedExample], pad_id: int, pad_to: int | None = None) -> dict[str, Any]:
-    """Right-padded tensors: input_ids, attention_mask, labels (-100 on padding)."""
-    import torch
-
-    width = pad_to or max(len(e) for e in items)
-    if any(len(e) > width for e in items):
-        raise ValueError(f"a sequence of {max(len(e) for e in items)} tokens does not fit pad_to={width}")
-    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(items), width), dtype=torch.long)
-    for row, e in enumerate(items):
-        n = len(e)
-        ids[row, :n] = torch.tensor(e.input_ids, dtype=torch.long)
-        labels[row, :n] = torch.tensor(e.labels, dtype=torch.long)
-        mask[row, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

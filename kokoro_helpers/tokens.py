@@ -151,7 +151,7 @@ def check_cached_file() -> bool:
     if not cached.is_file():
         return False
     _check(cached.read_bytes(), f"the cached file {cached}",
-           f"Delete it and run `python -m kokoro_helpers.tokens install` (`make setup` does).")
+           "Delete it and run `python -m kokoro_helpers.tokens install` (`make setup` does).")
     return True
 
 

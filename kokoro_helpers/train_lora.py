@@ -358,7 +358,6 @@ class LoraRun:
             return self
         self.check()
         import datasets
-        import torch
         from peft import LoraConfig
         from transformers.utils import logging as hf_logging
 

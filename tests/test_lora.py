@@ -15,7 +15,7 @@ from kokoro_helpers import tiny_model as tm
 from kokoro_helpers.data import prepare_data
 from kokoro_helpers.tokens import estimate_counter
 from kokoro_helpers.lora_data import (IGNORE_INDEX, ChatEncoder, ChatTemplateError, encode_examples,
-                                      length_grouped_batches, padding_fraction, random_batches, window_example)
+                                      window_example)
 
 SMALL = tm.TinyRecipe(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
@@ -195,16 +195,27 @@ def test_an_exchange_that_cannot_fit_is_dropped_and_reported(encoder):
 # ------------------------------------------------------------------------------------ batches
 
 def test_length_grouping_wastes_less_than_fixed_padding(encoder, sample):
+    from kokoro_helpers.train_callbacks import EpochLengthGroupedSampler
+
     items, _ = encode_examples(sample.examples["train"], encoder, 512)
     lengths = [len(e) for e in items]
-    grouped = length_grouped_batches(lengths, 4, seed=1, epoch=0)
+
+    def batches(epoch: int) -> list[list[int]]:
+        sampler = EpochLengthGroupedSampler(lengths, 4, seed=1)
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        return [order[k:k + 4] for k in range(0, len(order), 4)]
+
+    def padding(groups) -> float:
+        real = sum(lengths[i] for b in groups for i in b)
+        return 1 - real / sum(max(lengths[i] for i in b) * len(b) for b in groups)
+
+    grouped = batches(0)
     assert sorted(i for b in grouped for i in b) == list(range(len(lengths)))
     assert max(lengths[i] for i in grouped[0]) == max(lengths)           # longest batch first
-    assert grouped != length_grouped_batches(lengths, 4, seed=1, epoch=1)  # reshuffled per epoch
-    assert grouped == length_grouped_batches(lengths, 4, seed=1, epoch=0)  # ... deterministically
-    fixed = padding_fraction(lengths, random_batches(len(lengths), 4, 1, 0), pad_to=512)
-    dynamic = padding_fraction(lengths, grouped)
-    assert dynamic < 0.15 and dynamic < fixed / 2
+    assert grouped != batches(1) and grouped == batches(0)              # reshuffled per epoch, deterministically
+    fixed = 1 - sum(lengths) / (512 * len(lengths))                     # pad-to-max
+    assert padding(grouped) < 0.15 and padding(grouped) < fixed / 2
 
 
 def test_resource_monitor_shows_and_warns_once(tmp_path):

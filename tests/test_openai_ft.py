@@ -7,12 +7,10 @@ through an httpx2 MockTransport (openai 3.x runs on httpx2). It keeps its state 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 import httpx2
-import openai
 import pytest
 
 from kokoro_helpers import cards, openai_ft

