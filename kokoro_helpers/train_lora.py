@@ -527,11 +527,9 @@ class LoraRun:
         return self.checkpoint_root / "kokoro_run.json"
 
     def _find_resume(self) -> str | None:
-        from transformers.trainer_utils import get_last_checkpoint
-
         resume = self.cfg.resume
         root = self.checkpoint_root
-        last = get_last_checkpoint(str(root)) if root.is_dir() else None
+        last = self._last_complete_checkpoint() if root.is_dir() else None
         recorded = None
         if self._state_file().is_file():
             recorded = json.loads(self._state_file().read_text(encoding="utf-8")).get("fingerprint")
@@ -556,6 +554,28 @@ class LoraRun:
             self._clear_checkpoints()
             return None
         return last
+
+    def _last_complete_checkpoint(self) -> str | None:
+        """The newest checkpoint the Trainer finished writing (trainer_state.json is written last):
+        a kill in the middle of a save leaves a newer, partial folder, which is removed."""
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        def step(p: Path) -> int:
+            tail = p.name[len(PREFIX_CHECKPOINT_DIR) + 1:]
+            return int(tail) if tail.isdigit() else -1
+
+        folders = sorted((p for p in self.checkpoint_root.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+                          if p.is_dir() and step(p) >= 0), key=step, reverse=True)
+        for folder in folders:
+            try:
+                json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                if self.is_main:
+                    self._log(f"removing {portable(folder)}: its save was interrupted")
+                    shutil.rmtree(folder, ignore_errors=True)
+                continue
+            return str(folder)
+        return None
 
     def _clear_checkpoints(self) -> None:
         if self.is_main and self.checkpoint_root.exists():

@@ -253,7 +253,10 @@ def test_resume_continues_the_step_count_and_matches_an_uninterrupted_run(small_
     assert total > 4 and part.metrics["global_step"] == 4 and not part.metrics["finished"]
     assert (small_run / "checkpoints" / "t-lora" / "checkpoint-4").is_dir()
 
-    resumed = train_lora(cfg)                         # resume="auto": picks up checkpoint-4
+    partial = small_run / "checkpoints" / "t-lora" / "checkpoint-6"   # a save cut off by a kill
+    partial.mkdir()
+    (partial / "adapter_model.safetensors").write_bytes(b"")
+    resumed = train_lora(cfg)                         # resume="auto": picks up checkpoint-4, the last complete one
     assert resumed.metrics["resumed_from"] == ["checkpoint-4"]
     assert [r["step"] for r in resumed.history["train"]] == list(range(1, total + 1))
     assert resumed.metrics["global_step"] == total and resumed.metrics["finished"]
