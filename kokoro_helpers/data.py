@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from .convert import (Dialogue, RecordError, content_id, id_sort_key, parse_record, split_into_windows,
                       to_messages)

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from .cards import now_iso
 from .jsonio import file_sha256, read_jsonl

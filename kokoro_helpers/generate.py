@@ -1061,7 +1061,7 @@ def batch_generate(model, tokenizer, conversations: Sequence[Messages], max_new_
     size = int(batch_size)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from .progress import tqdm
         bar = tqdm(total=len(conversations), desc="generate", unit="prompt")
     was_training = getattr(model, "training", False)
     model.eval()

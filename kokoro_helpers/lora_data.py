@@ -677,7 +677,7 @@ def encode_examples(examples: Iterable[Any], encoder: ChatEncoder, max_length: i
 
     A window with no trained token (its replies are all ``"weight": 0``) is skipped and counted.
     """
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     if max_length < 16:
         raise ValueError(f"max_length={max_length} is too small to hold even one exchange")

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from .evaluate import EvalError, Item, _chars, _generation_rows, eval_dir
 

@@ -872,7 +872,7 @@ class JobMonitor:
             return self.card
         start = time.monotonic()
         if self.progress:
-            from tqdm.auto import tqdm
+            from .progress import tqdm
             self.bar = tqdm(total=None, desc=f"{self.job_id} {self.card.get('status')}", unit="step")
         try:
             while True:

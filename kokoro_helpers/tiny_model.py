@@ -281,7 +281,7 @@ def _build_into(folder: Path, recipe: TinyRecipe, progress: bool) -> dict[str, A
 def _warmup(model, blocks: list[list[int]], recipe: TinyRecipe, progress: bool) -> float:
     """Full-parameter causal-LM warm-up: AdamW, linear warm-up then cosine decay, fixed batch order."""
     import torch
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     order_rng = random.Random(recipe.seed)
     order: list[int] = []

@@ -220,7 +220,7 @@ class ProgressCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kw):
         if self.show and state.is_world_process_zero:
-            from tqdm.auto import tqdm
+            from .progress import tqdm
             self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=f"LoRA {self.name}",
                             unit="step", dynamic_ncols=True)
 

@@ -296,7 +296,7 @@ class LoraRun:
 
     def _log(self, message: str) -> None:
         if self.is_main:
-            from tqdm.auto import tqdm
+            from .progress import tqdm
             tqdm.write(message)
 
     # ----------------------------------------------------------------- checks (light)
