@@ -701,52 +701,15 @@ def criteria_columns(scores_df) -> list[str]:
 
 @lru_cache(maxsize=256)
 def t_critical(confidence: float, df: int) -> float:
-    """Two-sided critical value of Student's t (e.g. 2.776 for 95 % and df=4).
+    """Two-sided critical value of Student's t (e.g. 2.776 for 95 % and df=4), from scipy."""
+    from scipy import stats
 
-    scipy.stats.t.ppf when scipy is installed; otherwise the same value computed exactly from the
-    closed-form t distribution for integer degrees of freedom (Abramowitz & Stegun 26.7.3/4),
-    inverted by bisection — not a normal approximation."""
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     df = int(df)
     if df < 1:
         raise ValueError(f"degrees of freedom must be >= 1, got {df}")
-    try:
-        from scipy import stats
-        return float(stats.t.ppf(0.5 + confidence / 2, df))
-    except ImportError:
-        pass
-
-    def central(t: float) -> float:          # P(|T| < t)
-        theta = math.atan(t / math.sqrt(df))
-        s, c = math.sin(theta), math.cos(theta)
-        c2 = c * c
-        if df % 2:                           # odd
-            if df == 1:
-                return 2 * theta / math.pi
-            term, total = 1.0, 1.0
-            for k in range(1, (df - 3) // 2 + 1):
-                term *= c2 * (2 * k) / (2 * k + 1)
-                total += term
-            return 2 / math.pi * (theta + s * c * total)
-        term, total = 1.0, 1.0
-        for k in range(1, (df - 2) // 2 + 1):
-            term *= c2 * (2 * k - 1) / (2 * k)
-            total += term
-        return s * total
-
-    lo, hi = 0.0, 2.0
-    while central(hi) < confidence:
-        lo, hi = hi, hi * 2
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        if central(mid) < confidence:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo < 1e-12 * max(1.0, hi):
-            break
-    return (lo + hi) / 2
+    return float(stats.t.ppf(0.5 + confidence / 2, df))
 
 
 def mean_ci(values: Sequence[float], confidence: float = 0.95,

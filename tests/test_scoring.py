@@ -488,13 +488,10 @@ def _write(store: Path, rater: str, item_id: str, model: str, **scores) -> None:
 @pytest.mark.parametrize("confidence, df, expected", [
     (0.95, 1, 12.7062), (0.95, 2, 4.3027), (0.95, 4, 2.7764), (0.95, 5, 2.5706), (0.95, 10, 2.2281),
     (0.95, 30, 2.0423), (0.95, 200, 1.9719), (0.99, 5, 4.0321), (0.90, 3, 2.3534)])
-def test_t_critical_matches_tables_without_scipy(monkeypatch, confidence, df, expected):
-    monkeypatch.setitem(sys.modules, "scipy", None)       # force the in-package computation
-    t_critical.cache_clear()
-    try:
-        assert t_critical(confidence, df) == pytest.approx(expected, abs=2e-4)
-    finally:
-        t_critical.cache_clear()
+def test_t_critical_matches_tables(confidence, df, expected):
+    assert t_critical(confidence, df) == pytest.approx(expected, abs=2e-4)
+    with pytest.raises(ValueError):
+        t_critical(confidence, 0)
 
 
 def test_summarize_means_and_t_interval(tmp_path):
