@@ -992,19 +992,11 @@ def _finish(tokenizer, new_ids: Sequence[int], stop_ids: Sequence[int], pad_id: 
 
 
 def _is_oom(exc: BaseException) -> bool:
+    """torch's out-of-memory error, or any error accelerate would lower the batch size for."""
     import torch
+    from accelerate.utils.memory import should_reduce_batch_size
 
-    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", RuntimeError)
-    return isinstance(exc, oom) or "CUDA out of memory" in str(exc)
-
-
-def _free_cuda_memory() -> None:
-    import gc
-
-    import torch
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    return isinstance(exc, getattr(torch, "OutOfMemoryError", ())) or should_reduce_batch_size(exc)
 
 
 @contextmanager
@@ -1075,7 +1067,8 @@ def batch_generate(model, tokenizer, conversations: Sequence[Messages], max_new_
                 except Exception as exc:
                     if not _is_oom(exc):
                         raise
-                    _free_cuda_memory()
+                    from accelerate.utils.memory import clear_device_cache
+                    clear_device_cache(garbage_collection=True)
                     if size == 1:
                         raise GenerationOOMError(
                             f"out of GPU memory generating one prompt of {len(prep.prompts[rows[0]])} tokens with "
