@@ -646,12 +646,6 @@ class LocalResponder:
             bar.close()
         return out
 
-    def reference_perplexity(self, items: Sequence[Item], **kwargs: Any) -> dict[str, Any]:
-        """`perplexity_of_references` with this responder's model (loads it if needed)."""
-        model, tokenizer = self.load()
-        from .metrics import perplexity_of_references
-        return perplexity_of_references(model, tokenizer, items, desc=f"perplexity {self.name}", **kwargs)
-
     def __repr__(self) -> str:
         return f"LocalResponder(name={self.name!r}, base_only={self.base_only})"
 

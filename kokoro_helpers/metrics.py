@@ -234,6 +234,15 @@ def _forward_kept_logits(model: Any, ids: Any, mask: Any, keep: int) -> Any:
     return logits[:, -keep:] if logits.shape[1] != keep else logits
 
 
+def reference_perplexities(responders: Iterable[Any], items: Sequence[Item], **kwargs: Any) -> dict[str, dict[str, Any]]:
+    """{name: perplexity_of_references(...)} for every local responder (each loaded if needed);
+    hosted models give no token probabilities for a given reply and are left out."""
+    from .evaluate import LocalResponder
+
+    return {r.name: perplexity_of_references(*r.load(), items, desc=f"perplexity {r.name}", **kwargs)
+            for r in responders if isinstance(r, LocalResponder)}
+
+
 def perplexity_of_references(model: Any, tokenizer: Any, items: Sequence[Item], *, batch_size: int = 8,
                              max_length: int | None = None, progress: bool = True,
                              desc: str = "perplexity") -> dict[str, Any]:
