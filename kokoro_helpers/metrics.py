@@ -243,16 +243,33 @@ def reference_perplexities(responders: Iterable[Any], items: Sequence[Item], **k
             for r in responders if isinstance(r, LocalResponder)}
 
 
+def _split_ids(tokenizer: Any, prompt: str, reference: str) -> tuple[list[int], list[int]]:
+    """Token ids of ``prompt + reference`` tokenized as one text, split where the reference starts
+    (a token that spans the boundary counts as the reference's). A tokenizer without offsets
+    (a slow one) tokenizes the two parts apart."""
+    text = prompt + reference
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except (NotImplementedError, ValueError, TypeError):
+        return (list(tokenizer(prompt, add_special_tokens=False)["input_ids"]),
+                list(tokenizer(reference, add_special_tokens=False)["input_ids"]))
+    ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
+    cut = next((k for k, (_, end) in enumerate(offsets) if end > len(prompt)), len(ids))
+    return ids[:cut], ids[cut:]
+
+
 def perplexity_of_references(model: Any, tokenizer: Any, items: Sequence[Item], *, batch_size: int = 8,
                              max_length: int | None = None, progress: bool = True,
                              desc: str = "perplexity") -> dict[str, Any]:
     """Mean token negative log-likelihood of each real reply given its context, for a Hugging Face
     causal LM and a tokenizer with a chat template.
 
-    The prompt is `apply_chat_template(context, add_generation_prompt=True)` as text, tokenized
-    without adding special tokens (the template writes its own BOS); the reference is tokenized
-    on its own (no special tokens) and appended; only the reference's tokens are scored (the
-    end-of-turn token is the template's, not the reply's, and is not). When prompt + reference
+    The prompt is rendered as generation renders it (`generate.render_prompt`: the chat template
+    with the generation prompt and the adapter's system_prompt_mode); prompt + reference are
+    tokenized as one text (no special tokens added: the template writes its own BOS), and the
+    tokens whose characters lie in the reference are scored — so the ids are the tokenizer's own
+    tokenization of the text, with no spurious word-start token at the reply's start (SentencePiece
+    tokenizers). The end-of-turn token is the template's, not the reply's, and is not scored. When prompt + reference
     exceed `max_length` (default: the model's max_position_embeddings) the *context* is cut from
     the left and the item counted in `truncated`; a reference that alone does not fit is skipped
     and counted in `skipped`. Batched (left padding, position ids from the mask, sorted by length)
@@ -265,10 +282,10 @@ def perplexity_of_references(model: Any, tokenizer: Any, items: Sequence[Item], 
     limit = max_length or getattr(getattr(model, "config", None), "max_position_embeddings", None)
     encoded = []
     truncated = skipped = 0
+    from .generate import render_prompt   # the prompt exactly as generation renders it
+
     for it in items:
-        prompt = tokenizer.apply_chat_template(list(it["context"]), tokenize=False, add_generation_prompt=True)
-        prompt_ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        ref_ids = list(tokenizer(it["reference"], add_special_tokens=False)["input_ids"])
+        prompt_ids, ref_ids = _split_ids(tokenizer, render_prompt(tokenizer, list(it["context"])), it["reference"])
         if not ref_ids or not prompt_ids:
             skipped += 1
             continue

@@ -402,3 +402,22 @@ def test_generation_renders_the_system_prompt_as_training_did(base_tokenizers, t
     assert trained_system_prompt_mode(reloaded) == "merge_into_first_user"
     assert render_prompt(reloaded, context) == encoder.generation_prompt(context)
     assert context[0]["content"] in render_prompt(reloaded, context)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_reference_nll_scores_the_whole_text_tokenization(base_tokenizers, kind):
+    """03's reference perplexity tokenizes prompt + reply as one text (what the model sees), not
+    the reply on its own: with a "▁"-prepending tokenizer the reply alone would start with a
+    word-start token that the real text does not have."""
+    from kokoro_helpers.generate import render_prompt
+    from kokoro_helpers.metrics import _split_ids
+
+    tokenizer = make_tokenizer(base_tokenizers, "qwen2.5", kind)
+    context, reference = shape("system_client_first")[:2], REPLIES[1]
+    prompt = render_prompt(tokenizer, context)
+    prompt_ids, ref_ids = _split_ids(tokenizer, prompt, reference)
+    assert prompt_ids + ref_ids == tokenizer(prompt + reference, add_special_tokens=False)["input_ids"]
+    assert ref_ids and tokenizer.decode(ref_ids).strip() == reference.strip()
+    alone = tokenizer(reference, add_special_tokens=False)["input_ids"]
+    if kind == "sentencepiece_always":
+        assert alone != ref_ids            # the per-segment tokenization 03 used to score
