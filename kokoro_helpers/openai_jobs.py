@@ -142,12 +142,12 @@ def create_job_once(client: Any, body: dict[str, Any], pending: dict[str, Any], 
             log(f"jobs.create got no answer ({type(exc).__name__}"
                 f"{' ' + str(exc.status_code) if getattr(exc, 'status_code', None) else ''}); "
                 "checking whether the job was created anyway before trying again")
+            # wait first: a job the server has just committed can take a moment to appear in its list
+            sleep(backoff * 2 ** (attempt - 1))
             job = find_job(client, pending, provider)
             if job is not None:
                 log(f"found it: job {job.id} was created; not creating another")
                 return job
-            if attempt < attempts:
-                sleep(backoff * 2 ** (attempt - 1))
     err = explain(last, provider, "creating the fine-tuning job") if last else None
     if getattr(last, "status_code", None) == 429:
         raise err from last                                  # rate-limited each time: nothing was created

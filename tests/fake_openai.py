@@ -69,6 +69,11 @@ class FakeOpenAI:
         self.on_create: Callable[[], None] | None = None     # called while a create request is in flight
         self.n = 0
         self.t = int(time.time())          # the server clock: now (lookups compare with the client clock)
+        # a new job shows in jobs.list only after the client has waited this long (eventual consistency);
+        # pass `fake.sleep` as the client's sleep so that its waits count
+        self.list_lag_s = 0.0
+        self.waited = 0.0
+        self.visible_at: dict[str, float] = {}
         self.lock = threading.Lock()
 
     # --- clients ---
@@ -114,6 +119,10 @@ class FakeOpenAI:
     def _id(self, prefix: str) -> str:
         self.n += 1
         return f"{prefix}-{self.n:04d}"
+
+    def sleep(self, seconds: float) -> None:
+        """The client's time.sleep: no real wait; it moves the time that list visibility goes by."""
+        self.waited += float(seconds)
 
     def _tick(self) -> int:
         self.t += 7
@@ -250,12 +259,14 @@ class FakeOpenAI:
                    "method": body.get("method"), "suffix": body.get("suffix"),
                    "_tag": (body.get("metadata") or {}).get("kokoro_request")}
             self.jobs[jid] = job
+            self.visible_at[jid] = self.waited + self.list_lag_s
             self.events[jid] = []
             self.polls[jid] = 0
             self._event(jid, "Validating training file")
             return self._json(200, self._public(job))
         if method == "GET" and path == "/fine_tuning/jobs":
-            data = sorted(self.jobs.values(), key=lambda j: (j["created_at"], j["id"]), reverse=True)
+            data = sorted((j for j in self.jobs.values() if self.visible_at.get(j["id"], 0.0) <= self.waited),
+                          key=lambda j: (j["created_at"], j["id"]), reverse=True)
             return self._json(200, self._page([self._public(j) for j in data], request, 20))
         m = re.fullmatch(r"/fine_tuning/jobs/([^/]+)", path)
         if m and method == "GET":

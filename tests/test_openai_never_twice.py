@@ -60,6 +60,16 @@ def test_a_create_answer_lost_after_commit_gives_one_job(run_dir, no_key, lost):
     assert not pending(run_dir).exists()
 
 
+def test_a_lost_answer_is_looked_up_after_a_wait_so_a_lagging_job_list_still_finds_the_job(run_dir, no_key):
+    """A job the server has just committed can take a moment to show in its list: the client waits
+    before looking, so the lookup finds it instead of creating a second job."""
+    fake = FakeOpenAI()
+    fake.list_lag_s = 1.5                                       # invisible in jobs.list for 1.5 s of waiting
+    fake.fault("POST", JOBS, 502, after_commit=True)
+    run_ft(run_dir, fake.client(max_retries=2), submit_kwargs={"sleep": fake.sleep})
+    assert fake.count("POST", JOBS) == 1 and len(fake.jobs) == 1 and fake.waited >= 1.5
+
+
 def test_a_list_outage_after_a_lost_answer_stops_with_a_message_and_keeps_the_pending_record(run_dir, no_key):
     fake = FakeOpenAI()
     fake.fault("POST", JOBS, 502, after_commit=True)
