@@ -102,14 +102,15 @@ def upload_once(client: Any, path: str | Path, run_dir: str | Path, verify: bool
             if not is_transient_error(exc):
                 raise
             last = exc
-            # a 429 was rejected before anything was stored; anything else may have been stored
+            # a 429 was rejected before anything was stored; anything else may have been stored, and a
+            # just-stored file can take a moment to show in the list: wait, then look
+            if attempt < UPLOAD_ATTEMPTS or getattr(exc, "status_code", None) != 429:
+                sleep(2.0 * 2 ** (attempt - 1))
             found = None if getattr(exc, "status_code", None) == 429 else find_upload(client, name, len(data), provider)
             if found is not None:
                 fobj = found
                 log(f"{path.name}: the upload's answer was lost, but the file is there ({found.id})")
                 break
-            if attempt < UPLOAD_ATTEMPTS:
-                sleep(2.0 * 2 ** (attempt - 1))
     else:
         raise explain(last, provider, f"uploading {path.name}") from last
     _save(run_dir, sha, {**entry, "file_id": fobj.id, "status": "uploaded", "uploaded_at": now_iso()})
