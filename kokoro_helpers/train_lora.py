@@ -132,11 +132,29 @@ def make_plan(cfg: LoraTrainConfig) -> Plan:
         return Plan("train", f"local_mode 'auto': the embedded tiny model ({base}) trains on the CPU", device,
                     precision, world)
     return Plan("skip", (
-        f"local_mode 'auto' does not train {base!r} on a CPU-only machine: only the embedded smoke model trains on "
-        "a CPU by default, as a real base would take hours there. Run `python -m kokoro_helpers.train_lora --params "
+        f"local_mode 'auto' does not train {base!r}{_size_note(base)} on a CPU-only machine: only the embedded smoke "
+        "model trains on a CPU by default, as a real base would take hours there. Run `python -m kokoro_helpers.train_lora --params "
         "<your params>.yaml` on a GPU machine (torchrun / accelerate launch for several GPUs), set "
         f"local_mode='train' to force a (slow) CPU run, or local_base_model='{EMBEDDED_TINY}' for the offline smoke "
         "model"), device, precision, world)
+
+
+def _size_note(base: str) -> str:
+    """' (Qwen2ForCausalLM, 0.1 M parameters)' for a local model folder, from its config.json alone (meta
+    device, no weights read); '' for a Hub id or a folder whose config cannot be read."""
+    folder = resolve(base)
+    if not (folder / "config.json").is_file():
+        return ""
+    try:
+        from transformers import AutoConfig
+
+        from .memory_plan import meta_model
+        config = AutoConfig.from_pretrained(folder)
+        n = sum(p.numel() for p in meta_model(config).parameters())
+        arch = (getattr(config, "architectures", None) or [type(config).__name__])[0]
+    except Exception:                                 # the plan's reason must not fail; loading reports it
+        return ""
+    return f" ({arch}, {n / 1e6:.1f} M parameters)"
 
 
 def _looks_like_path(name: str) -> bool:

@@ -329,14 +329,19 @@ def test_two_cpu_processes_train_like_one(sample, base_dir, tmp_path):
 
 # ------------------------------------------------------------------------------------ a real architecture
 
+QWEN25_JINJA = ROOT / "tests" / "fixtures" / "chat_templates" / "qwen2.5.jinja"   # the real one (SOURCES.md)
+
+
 def _random_qwen2_folder(base_dir: Path, folder: Path) -> Path:
     """A random-initialised Qwen2 (the architecture of Qwen2.5) with 2 small layers, saved in bf16 with
-    save_pretrained, and a tokenizer carrying Qwen2.5-Instruct's chat template."""
+    save_pretrained, and a tokenizer carrying Qwen2.5-Instruct's real chat template and its ChatML special
+    tokens (<|im_end|> ends a turn and generation, as in Qwen's own tokenizer)."""
     import torch
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     tok = AutoTokenizer.from_pretrained(base_dir)
-    tok.chat_template = QWEN25_TEMPLATE
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"], "eos_token": "<|im_end|>"})
+    tok.chat_template = QWEN25_JINJA.read_text(encoding="utf-8")
     conf = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                        tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
@@ -346,22 +351,33 @@ def _random_qwen2_folder(base_dir: Path, folder: Path) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def qwen2_run(sample, base_dir, tmp_path_factory):
+    """The random Qwen2 folder trained once by the CLI, as with a Hub id (module-scoped: the tests below
+    share it, none of them changes it)."""
+    root = tmp_path_factory.mktemp("qwen2")
+    run_dir = _write_run(sample, root / "run")
+    base = _random_qwen2_folder(base_dir, root / "qwen2-random")
+    params = root / "p.yaml"
+    params.write_text(json.dumps(dict(run_dir=str(run_dir), local_base_model=str(base), local_mode="train",
+                                      lora_r=4, lora_alpha=8, local_epochs=1, local_batch_size=2,
+                                      learning_rate=5e-3, max_length=256, local_run_name="qwen2-rand",
+                                      target_modules="q_proj,k_proj,v_proj,o_proj", precision="fp32")),
+                      encoding="utf-8")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KOKORO_TIKTOKEN_OFFLINE", "1")
+        assert main(["--params", str(params), "--no-progress"]) == 0
+    return run_dir, base
+
+
 @pytest.mark.filterwarnings("ignore::FutureWarning")
-def test_a_random_real_architecture_folder_trains_loads_generates_and_merges_in_its_dtype(small_run, base_dir,
-                                                                                          tmp_path):
+def test_a_random_real_architecture_folder_trains_loads_generates_and_merges_in_its_dtype(qwen2_run, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
     from kokoro_helpers import generate
 
-    base = _random_qwen2_folder(base_dir, tmp_path / "qwen2-random")
-    params = tmp_path / "p.yaml"
-    params.write_text(json.dumps(dict(run_dir=str(small_run), local_base_model=str(base), local_mode="train",
-                                      lora_r=4, lora_alpha=8, local_epochs=1, local_batch_size=2,
-                                      learning_rate=5e-3, max_length=256, local_run_name="qwen2-rand",
-                                      target_modules="q_proj,k_proj,v_proj,o_proj", precision="fp32")),
-                      encoding="utf-8")
-    assert main(["--params", str(params), "--no-progress"]) == 0
+    small_run, base = qwen2_run
     card = cards.load_card(small_run / "models" / "qwen2-rand.json")
     assert card["training_metrics"]["global_step"] == -(-card["training_data"]["train"]["sequences"] // 2)
     lm = generate.load("qwen2-rand", run_dir=small_run)
@@ -373,15 +389,88 @@ def test_a_random_real_architecture_folder_trains_loads_generates_and_merges_in_
     assert json.loads((out / "merge_info.json").read_text())["dtype"] == "bfloat16"
 
     # replacing the folder's weights changes the base's identity: the old checkpoints are not resumed
+    # (on a copy: the folder stays the trained run's base for the tests below)
     from kokoro_helpers.base_fingerprint import base_fingerprint
-    before = base_fingerprint(str(base))
-    _random_qwen2_folder(base_dir, base)           # same config, new weights (another seed would do too)
+    copy = shutil.copytree(base, tmp_path / "qwen2-copy")
+    before = base_fingerprint(str(copy))
+    assert before == base_fingerprint(str(base))                       # by content, not by path
     with torch.no_grad():
-        m = AutoModelForCausalLM.from_pretrained(base)
+        m = AutoModelForCausalLM.from_pretrained(copy)
         for p in m.parameters():
             p.add_(0.01)
-        m.save_pretrained(base)
-    assert base_fingerprint(str(base)) != before
+        m.save_pretrained(copy)
+    assert base_fingerprint(str(copy)) != before
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_the_random_real_architecture_folder_is_evaluated_by_03_from_its_card(qwen2_run):
+    """03's evaluation path as for a Hub id: the card found in run_dir, adapter and base as responders,
+    replies generated, cached, and keyed by the base's content."""
+    from kokoro_helpers import evaluate as ev
+    from kokoro_helpers.base_fingerprint import base_fingerprint
+
+    run_dir, base = qwen2_run
+    logs: list[str] = []
+    items = ev.build_eval_items(run_dir, splits=("valid",), max_eval_items=2, log=logs.append)
+    assert len(items) == 2
+    responders = ev.models_from_run(run_dir, max_tokens=4, local_batch_size=2, progress=False, log=logs.append)
+    assert [r.name for r in responders] == ["qwen2-rand", f"{base} (base)"]
+    assert responders[1].settings["weights"] == f"base:{base_fingerprint(str(base))}"
+    first = ev.generate_all(items, responders, run_dir, log=logs.append)
+    assert len(first) == 4 and set(first["model"]) == {r.name for r in responders}
+    assert first["response"].map(lambda t: isinstance(t, str)).all() and not first["cached"].any()
+    again = ev.generate_all(items, ev.models_from_run(run_dir, max_tokens=4, progress=False, log=logs.append),
+                            run_dir, log=logs.append)
+    assert again["cached"].all() and list(again["response"]) == list(first["response"])
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_the_random_real_architecture_folder_is_served_by_its_card_name(qwen2_run):
+    """The server's app built from the run's card name (as `--model qwen2-rand`), one chat completion."""
+    from fastapi.testclient import TestClient
+
+    from kokoro_helpers import serve
+
+    run_dir, _ = qwen2_run
+    app = serve.create_app("qwen2-rand", run_dir=run_dir, max_tokens=4, temperature=0.0)
+    try:
+        with TestClient(app, base_url="http://127.0.0.1") as client:   # the loopback host guard
+            listed = client.get("/v1/models")
+            assert listed.status_code == 200, listed.text
+            models = [m["id"] for m in listed.json()["data"]]
+            assert models[0] == "qwen2-rand"
+            resp = client.post("/v1/chat/completions", json={
+                "model": "qwen2-rand", "max_tokens": 4,
+                "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "こんにちは"}]})
+            assert resp.status_code == 200, resp.text
+            body = resp.json()
+            choice = body["choices"][0]
+            assert body["model"] == "qwen2-rand" and choice["message"]["role"] == "assistant"
+            assert isinstance(choice["message"]["content"], str) and choice["finish_reason"] in ("stop", "length")
+            assert 0 < body["usage"]["completion_tokens"] <= 4
+    finally:
+        serve.close_app(app)
+
+
+def test_local_mode_auto_explains_why_the_folder_does_not_train_on_a_cpu(qwen2_run, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    import kokoro_helpers.train_lora as tl
+
+    _, base = qwen2_run
+    monkeypatch.setattr(tl, "_cuda_available", lambda: False)
+    plan = make_plan(LoraTrainConfig(local_base_model=str(base), local_mode="auto"))
+    assert plan.action == "skip"
+    n = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(base).parameters()) / 1e6
+    assert (f"local_mode 'auto' does not train {str(base)!r} (Qwen2ForCausalLM, {n:.1f} M parameters) on a "
+            "CPU-only machine") in plan.reason
+    assert "only the embedded smoke model trains on a CPU by default" in plan.reason
+    assert "local_mode='train'" in plan.reason                        # and how to train it anyway
+    monkeypatch.setattr(tl, "_cuda_available", lambda: True)
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    gpu = make_plan(LoraTrainConfig(local_base_model=str(base), local_mode="auto"))
+    assert gpu.action == "train" and "GPU" in gpu.reason
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
