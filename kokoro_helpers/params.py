@@ -28,3 +28,14 @@ def run_name(params: dict[str, Any], params_path: str | Path | None = None) -> s
     if params.get("run_dir"):
         return Path(str(params["run_dir"])).name
     return Path(params_path).stem if params_path else "default"
+
+
+def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
+    """`KEY=VALUE` strings (VALUE read as YAML: 10, null, [a, b], text) -> {KEY: value}."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise ValueError(f"--set takes KEY=VALUE with a parameter name as KEY, got {pair!r}")
+        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+    return out

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .jsonio import read_json
-from .params import load_params, run_name
+from .params import load_params, parse_overrides, run_name
 from .paths import project_root, resolve
 
 KERNEL_NAME = "kokoro"
@@ -253,19 +253,6 @@ def write_index(out_dir: Path, runs: list[NotebookRun], params: dict[str, Any], 
     index = out_dir / "index.html"
     index.write_text("\n".join(parts), encoding="utf-8")
     return index
-
-
-def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
-    """`KEY=VALUE` strings (VALUE read as YAML: 10, null, [a, b], text) -> {KEY: value}."""
-    import yaml
-
-    out: dict[str, Any] = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip().isidentifier():
-            raise ValueError(f"--set takes KEY=VALUE with a parameter name as KEY, got {pair!r}")
-        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
-    return out
 
 
 def run_report(params_path: str, only: list[str] | None = None, overrides: dict[str, Any] | None = None) -> int:

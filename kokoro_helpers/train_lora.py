@@ -842,13 +842,8 @@ def train_lora(config: LoraTrainConfig | Mapping[str, Any], **overrides: Any) ->
 
 # =============================================================================== CLI
 
-def _parse_value(text: str) -> Any:
-    import yaml
-    return yaml.safe_load(text)
-
-
 def main(argv: list[str] | None = None) -> int:
-    from .params import load_params
+    from .params import load_params, parse_overrides
 
     ap = argparse.ArgumentParser(
         prog="python -m kokoro_helpers.train_lora",
@@ -865,12 +860,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     params = load_params(args.params)
-    overrides: dict[str, Any] = {}
-    for item in args.set:
-        if "=" not in item:
-            ap.error(f"--set needs NAME=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        overrides[key.strip()] = _parse_value(value)
+    try:
+        overrides = parse_overrides(args.set)
+    except ValueError as exc:
+        ap.error(str(exc))
     if args.run_dir:
         overrides["run_dir"] = args.run_dir
     if args.resume:

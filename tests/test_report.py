@@ -8,6 +8,7 @@ import nbformat
 import pytest
 
 from kokoro_helpers import report
+from kokoro_helpers.params import parse_overrides
 from kokoro_helpers.data import prepare_data
 
 
@@ -158,12 +159,12 @@ def test_index_summarizes_raw_human_scores_when_no_csv_was_exported(tmp_path):
 
 
 def test_overrides_parse_as_yaml_and_reject_nonsense():
-    assert report.parse_overrides(["max_samples=10", "dataset_source=data/x y", "min_score=null",
+    assert parse_overrides(["max_samples=10", "dataset_source=data/x y", "min_score=null",
                                    "split_ratios=[8, 1, 1]"]) == {
         "max_samples": 10, "dataset_source": "data/x y", "min_score": None, "split_ratios": [8, 1, 1]}
     for bad in ("novalue", "=3", "bad key=1"):
         with pytest.raises(ValueError, match="KEY=VALUE"):
-            report.parse_overrides([bad])
+            parse_overrides([bad])
 
 
 def test_override_reaches_the_notebook(mini_project):
