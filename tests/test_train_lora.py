@@ -26,13 +26,6 @@ SMALL = tm.TinyRecipe(vocab_size=512, hidden_size=64, intermediate_size=128, num
                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
                       warmup_steps=3, warmup_batch_size=2, warmup_seq_len=64)
 SYSTEM = "あなたは相談者の話に丁寧に耳を傾ける心理カウンセラーです。"
-QWEN25_TEMPLATE = (  # Qwen2.5-Instruct's chat template without its tool-calling branches (see test_lora.py)
-    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
-    "{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-    "<|im_end|>\\n' }}{%- endif %}"
-    "{%- for message in messages %}{%- if not (message.role == 'system' and loop.first) %}"
-    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}{%- endif %}{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
 
 
 @pytest.fixture(scope="module")
