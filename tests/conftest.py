@@ -166,3 +166,14 @@ def make_record(turns, eid: int | None = None, score: int | None = 80,
 @pytest.fixture
 def record_factory():
     return make_record
+
+
+@pytest.fixture(scope="session")
+def base_dir(tmp_path_factory) -> Path:
+    """A small tiny-model base (2 layers, vocabulary 512), built once for the LoRA tests."""
+    from kokoro_helpers import tiny_model as tm
+
+    recipe = tm.TinyRecipe(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+                           warmup_steps=3, warmup_batch_size=2, warmup_seq_len=64)
+    return tm.build_tiny_model(recipe, root=tmp_path_factory.mktemp("tiny-cache"), progress=False)

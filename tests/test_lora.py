@@ -7,25 +7,15 @@ well under a minute and a half on 2 cores.
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
-from kokoro_helpers import tiny_model as tm
 from kokoro_helpers.data import prepare_data
 from kokoro_helpers.tokens import estimate_counter
 from kokoro_helpers.lora_data import (IGNORE_INDEX, ChatEncoder, ChatTemplateError, encode_examples,
                                       window_example)
 
-SMALL = tm.TinyRecipe(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
-                      warmup_steps=3, warmup_batch_size=2, warmup_seq_len=64)
 SYSTEM = "あなたは相談者の話に丁寧に耳を傾ける心理カウンセラーです。"
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory) -> Path:
-    return tm.build_tiny_model(SMALL, root=tmp_path_factory.mktemp("tiny-cache"), progress=False)
 
 
 @pytest.fixture(scope="module")
