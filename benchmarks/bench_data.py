@@ -36,10 +36,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from kokoro_helpers.data import prepare_data  # noqa: E402
+from kokoro_helpers.data.pipeline import prepare_data  # noqa: E402
 from kokoro_helpers.paths import SAMPLE_DIR  # noqa: E402
-from kokoro_helpers.schema import TOPICS  # noqa: E402
-from kokoro_helpers.tokens import get_token_counter  # noqa: E402
+from kokoro_helpers.data.schema import TOPICS  # noqa: E402
+from kokoro_helpers.data.tokens import get_token_counter  # noqa: E402
 
 # The release's shape (../shared/KOKOROCHAT.md)
 RELEASE_DIALOGUES = 6_589

@@ -38,9 +38,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from kokoro_helpers import cards  # noqa: E402
-from kokoro_helpers import generate as gen  # noqa: E402
+from kokoro_helpers.local import generate as gen  # noqa: E402
 from kokoro_helpers.paths import portable  # noqa: E402
-from kokoro_helpers.tiny_model import EMBEDDED_TINY, is_embedded  # noqa: E402
+from kokoro_helpers.local.tiny_model import EMBEDDED_TINY, is_embedded  # noqa: E402
 
 
 def pick_adapter(args, tmp: Path) -> tuple[object, str]:
@@ -57,8 +57,8 @@ def pick_prompts(args, tmp: Path):
     try:
         return gen.sample_contexts(args.run_dir, args.prompts, args.seed), f"{args.run_dir}/data test+valid"
     except FileNotFoundError:
-        from kokoro_helpers.data import prepare_data
-        from kokoro_helpers.tokens import estimate_counter
+        from kokoro_helpers.data.pipeline import prepare_data
+        from kokoro_helpers.data.tokens import estimate_counter
 
         run = tmp / "run"
         prepare_data("embedded", run_dir=run, token_counter=estimate_counter(), progress=False, seed=args.seed)

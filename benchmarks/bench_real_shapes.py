@@ -5,8 +5,8 @@ vocabulary 151,936, tied embeddings) and a Llama-3 shape (Llama-3.2-1B: hidden 2
 8192, 32 heads / 8 KV heads, vocabulary 128,256) cut to a few layers. Each setting (shape, length,
 batch, gradient checkpointing; liger / flash-attention where installed on a GPU) runs in its own
 process — the peak memory of one is not inherited by the next — through the project's trainer
-(:class:`kokoro_helpers.train_callbacks.KokoroSFTTrainer`, SFTConfig from
-:func:`kokoro_helpers.sft_config.build_sft_config`, LoRA r=16 on all linear layers) on
+(:class:`kokoro_helpers.local.train_callbacks.KokoroSFTTrainer`, SFTConfig from
+:func:`kokoro_helpers.local.sft_config.build_sft_config`, LoRA r=16 on all linear layers) on
 synthetic sequences whose second half is labelled (like a counselor's reply after its context).
 
 Per setting it prints: parameters, tokens/s (real tokens over the timed steps, after one warm-up
@@ -67,11 +67,11 @@ def child(spec: dict) -> dict:
     from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
     from tokenizers import Tokenizer, models
 
-    from kokoro_helpers.memory_plan import estimate, return_freed_memory
-    from kokoro_helpers.sft_config import LoraTrainConfig, build_sft_config
-    from kokoro_helpers.train_callbacks import KokoroSFTTrainer, StepTimer
+    from kokoro_helpers.local.memory_plan import estimate, return_freed_memory
+    from kokoro_helpers.local.sft_config import LoraTrainConfig, build_sft_config
+    from kokoro_helpers.local.train_callbacks import KokoroSFTTrainer, StepTimer
 
-    return_freed_memory()                  # as kokoro_helpers.train_lora does
+    return_freed_memory()                  # as kokoro_helpers.local.train_lora does
     cuda = torch.cuda.is_available()
     shape = dict(SHAPES[spec["shape"]])
     if spec.get("layers"):
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         args.shapes, args.lengths, args.layers, args.steps = ["qwen2.5-0.5b"], [128], 2, 1
 
     import torch
-    from kokoro_helpers.train_lora import _installed
+    from kokoro_helpers.local.train_lora import _installed
 
     cuda = torch.cuda.is_available()
     variants = [("sdpa", False)]

@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from kokoro_helpers import generate as gen  # noqa: E402
-from kokoro_helpers.tiny_model import build_tiny_model  # noqa: E402
+from kokoro_helpers.local import generate as gen  # noqa: E402
+from kokoro_helpers.local.tiny_model import build_tiny_model  # noqa: E402
 
 
 def conversation(n: int) -> list[dict[str, str]]:
@@ -79,7 +79,7 @@ def main() -> int:
 
     import httpx
 
-    from kokoro_helpers import serve
+    from kokoro_helpers.local import serve
     with tempfile.TemporaryDirectory() as tmp:
         lm = gen.load(gen.init_adapter(Path(tmp) / "lora-bench", seed=1), device="cpu")
         app = serve.create_app(lm, max_tokens=8, temperature=0.0,

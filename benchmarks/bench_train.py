@@ -1,6 +1,6 @@
 """Local LoRA training throughput: the trainer vs the seeds' fixed-length padding, in one run.
 
-Both runs use the same trainer (TRL's SFTTrainer through kokoro_helpers.train_lora), base model, data (the embedded default's train split, made
+Both runs use the same trainer (TRL's SFTTrainer through kokoro_helpers.local.train_lora), base model, data (the embedded default's train split, made
 by 01_data into a temporary folder), LoRA settings, seed, number of optimizer steps and loss
 masking (assistant tokens only). They differ only in batching:
 
@@ -33,9 +33,9 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # as the trainer does; before torch loads
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kokoro_helpers.data import prepare_data                       # noqa: E402
+from kokoro_helpers.data.pipeline import prepare_data                       # noqa: E402
 from kokoro_helpers.params import load_params                      # noqa: E402
-from kokoro_helpers.train_lora import LoraTrainConfig, train_lora  # noqa: E402
+from kokoro_helpers.local.train_lora import LoraTrainConfig, train_lora  # noqa: E402
 
 # Qwen2.5-0.5B's shape (random weights: throughput only, nothing is downloaded)
 SHAPES = {"qwen2-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
@@ -48,7 +48,7 @@ def random_init_base(shape: str, folder: Path, layers: int | None = None) -> str
     import torch
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-    from kokoro_helpers.tiny_model import build_tiny_model, portable_tokenizer_files
+    from kokoro_helpers.local.tiny_model import build_tiny_model, portable_tokenizer_files
 
     tok = AutoTokenizer.from_pretrained(build_tiny_model(progress=False))
     kw = dict(SHAPES[shape])
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides["local_mode"] = "train"
         base_cfg = LoraTrainConfig.from_params(params, **overrides)
         # build (or find) the base once, outside both measurements
-        from kokoro_helpers.tiny_model import resolve_base_model
+        from kokoro_helpers.local.tiny_model import resolve_base_model
         resolve_base_model(base_cfg.local_base_model, progress=True)
 
         results: dict[str, dict] = {}

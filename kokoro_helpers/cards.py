@@ -13,8 +13,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .jsonio import write_json_atomic
-from .paths import resolve
+from kokoro_helpers.jsonio import write_json_atomic
+from kokoro_helpers.paths import resolve
 
 KINDS = ("openai", "local_lora")
 BASE_FIELDS = ("model_id", "timestamp", "base_model", "training_params", "evaluation_results",

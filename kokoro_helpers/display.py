@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 from typing import Any, Iterable
 
-from .schema import SPEAKER_LABEL_JA
+from kokoro_helpers.data.schema import SPEAKER_LABEL_JA
 
 CHAT_CSS = (
     "<style>.kchat{font-family:sans-serif;max-width:760px}.kchat .row{display:flex;margin:4px 0}"

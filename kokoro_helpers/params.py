@@ -6,7 +6,7 @@ from typing import Any
 
 import yaml
 
-from .paths import resolve
+from kokoro_helpers.paths import resolve
 
 
 def load_params(path: str | Path) -> dict[str, Any]:

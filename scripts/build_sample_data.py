@@ -20,7 +20,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from kokoro_helpers.schema import CRITERIA, FLAG_CHECKED, FLAGS, TOPICS  # noqa: E402
+from kokoro_helpers.data.schema import CRITERIA, FLAG_CHECKED, FLAGS, TOPICS  # noqa: E402
 
 SRC = ROOT / "scripts" / "sample_src"
 OUT = ROOT / "kokoro_helpers" / "sample_data" / "dialogues"

@@ -42,9 +42,9 @@ for p in (ROOT, ROOT / "benchmarks"):
 
 import bench_data  # noqa: E402
 
-from kokoro_helpers import tokens  # noqa: E402
-from kokoro_helpers.data import prepare_data  # noqa: E402
-from kokoro_helpers.split import SPLIT_NAMES  # noqa: E402
+from kokoro_helpers.data import tokens  # noqa: E402
+from kokoro_helpers.data.pipeline import prepare_data  # noqa: E402
+from kokoro_helpers.data.split import SPLIT_NAMES  # noqa: E402
 
 
 def _estimate_total(examples, rate: float) -> int:

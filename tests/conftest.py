@@ -16,10 +16,10 @@ from typing import Any, Callable
 
 import pytest
 
-from kokoro_helpers import tokens as tokens_mod
-from kokoro_helpers.data import prepare_data
+from kokoro_helpers.data import tokens as tokens_mod
+from kokoro_helpers.data.pipeline import prepare_data
 from kokoro_helpers.paths import SAMPLE_DIR
-from kokoro_helpers.tokens import estimate_counter
+from kokoro_helpers.data.tokens import estimate_counter
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT_FILES = ("train.jsonl", "valid.jsonl", "test.jsonl", "splits.json")
@@ -171,7 +171,7 @@ def record_factory():
 @pytest.fixture(scope="session")
 def base_dir(tmp_path_factory) -> Path:
     """A small tiny-model base (2 layers, vocabulary 512), built once for the LoRA tests."""
-    from kokoro_helpers import tiny_model as tm
+    from kokoro_helpers.local import tiny_model as tm
 
     recipe = tm.TinyRecipe(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,

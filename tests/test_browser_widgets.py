@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PIECES = ["最近", "眠れない", "のですね。", "お話を", "聞かせてください。"]
 
 SCORE_CELL = """\
-from kokoro_helpers.scoring import ScoringWidget
+from kokoro_helpers.evaluation.scoring import ScoringWidget
 context = [{"role": ("user", "assistant")[k % 2], "content": f"発話{k}。" + "長い話です。" * 60} for k in range(7)]
 items = [{"item_id": f"item-{i}", "model": m, "context": context + [{"role": "user", "content": f"相談{i}です。"}],
           "reference": "参照の応答です。" * 20, "response": f"{m} の応答 {i}。" + "丁寧な返答です。" * 80}
@@ -44,7 +44,7 @@ ScoringWidget(items, STORE, "browser")"""
 
 CHAT_CELL = f"""\
 import time
-from kokoro_helpers.chat_widget import ChatModel, ChatWidget
+from kokoro_helpers.models.chat_widget import ChatModel, ChatWidget
 
 class SlowStream(ChatModel):          # streams like a local model, slowly enough to watch
     @property
@@ -222,7 +222,7 @@ def test_score_restart_reopen_and_resume_then_chat_streams(lab, page):
 
     # the HTML report of the saved notebook (as `make report` renders it): both notes, no blank widget
     page.evaluate("() => window.jupyterapp.commands.execute('docmanager:save')")
-    from kokoro_helpers.report import render_html
+    from kokoro_helpers.report.index import render_html
     deadline = time.monotonic() + 30
     while "run this cell to chat" not in (lab["folder"] / "widgets.ipynb").read_text(encoding="utf-8"):
         assert time.monotonic() < deadline, "the notebook was not saved"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from kokoro_helpers.lora_data import (IGNORE_INDEX, ChatEncoder, ChatTemplateError, apply_system_prompt_mode,
+from kokoro_helpers.local.lora_data import (IGNORE_INDEX, ChatEncoder, ChatTemplateError, apply_system_prompt_mode,
                                       chat_template_kwargs, encode_examples, window_example)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "chat_templates"
@@ -386,8 +386,8 @@ def test_generation_renders_the_system_prompt_as_training_did(base_tokenizers, t
     before the reply — and a tokenizer saved without the mode keeps the messages as they are."""
     from transformers import AutoTokenizer
 
-    from kokoro_helpers.generate import render_prompt
-    from kokoro_helpers.lora_data import SYSTEM_PROMPT_MODE_KEY, trained_system_prompt_mode
+    from kokoro_helpers.local.generate import render_prompt
+    from kokoro_helpers.local.lora_data import SYSTEM_PROMPT_MODE_KEY, trained_system_prompt_mode
 
     tokenizer = make_tokenizer(base_tokenizers, "gemma-2", "no_prefix")
     encoder = ChatEncoder(tokenizer, system_prompt_mode="auto")
@@ -409,8 +409,8 @@ def test_reference_nll_scores_the_whole_text_tokenization(base_tokenizers, kind)
     """03's reference perplexity tokenizes prompt + reply as one text (what the model sees), not
     the reply on its own: with a "▁"-prepending tokenizer the reply alone would start with a
     word-start token that the real text does not have."""
-    from kokoro_helpers.generate import render_prompt
-    from kokoro_helpers.metrics import _split_ids
+    from kokoro_helpers.local.generate import render_prompt
+    from kokoro_helpers.evaluation.metrics import _split_ids
 
     tokenizer = make_tokenizer(base_tokenizers, "qwen2.5", kind)
     context, reference = shape("system_client_first")[:2], REPLIES[1]

@@ -6,7 +6,7 @@ import pytest
 pytest.importorskip("ipywidgets")
 
 from kokoro_helpers import cards  # noqa: E402
-from kokoro_helpers.chat_widget import ChatModel, ChatWidget, available_models  # noqa: E402
+from kokoro_helpers.models.chat_widget import ChatModel, ChatWidget, available_models  # noqa: E402
 from kokoro_helpers.display import chat_html  # noqa: E402
 
 SYSTEM = "あなたは心理カウンセラーです。"
@@ -130,7 +130,7 @@ def test_available_models_lists_local_cards_their_base_and_openai_only_with_a_ke
 
 def test_streaming_a_local_model_fills_the_reply_as_it_comes(tmp_path):
     torch = pytest.importorskip("torch")
-    from kokoro_helpers import generate as gen
+    from kokoro_helpers.local import generate as gen
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -168,7 +168,7 @@ def test_static_html_for_exported_notebooks(models):
 
 def test_compare_with_base_shares_the_loaded_model(tmp_path):
     torch = pytest.importorskip("torch")
-    from kokoro_helpers import generate as gen
+    from kokoro_helpers.local import generate as gen
 
     lm = gen.load(gen.init_adapter(tmp_path / "lora-v", seed=8), device="cpu")
     w = ChatWidget(models={}, model=lm, compare_model="base", system_prompt="", max_new_tokens=6, temperature=0.0)

@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from kokoro_helpers.convert import (RecordError, TurnTooLong, content_id, id_sort_key, parse_record,
+from kokoro_helpers.data.convert import (RecordError, TurnTooLong, content_id, id_sort_key, parse_record,
                                     record_id, split_into_windows, to_messages)
-from kokoro_helpers.tokens import TokenCounter
-from kokoro_helpers.validate import example_errors
+from kokoro_helpers.data.tokens import TokenCounter
+from kokoro_helpers.data.validate import example_errors
 
 SYSTEM = "あなたは丁寧に話を聴くカウンセラーです。"
 

@@ -1,4 +1,4 @@
-"""05_cost's logic (kokoro_helpers.cost_report) against hand-computed cases: summary.json equals
+"""05_cost's logic (kokoro_helpers.report.cost_report) against hand-computed cases: summary.json equals
 stats.json × the training price, estimate labels, the per-example cap with per-example counts,
 the "auto" epochs of scaled datasets at the heuristic's bounds, the seeds' comparison, local GPU
 hours, inference measured from 03's files or estimated from the test split, and the notebook's
@@ -14,10 +14,11 @@ import nbformat
 import pytest
 import yaml
 
-from kokoro_helpers import cards, cost_report
-from kokoro_helpers.cost_report import CostReportError
-from kokoro_helpers.data import prepare_data
-from kokoro_helpers.tokens import ESTIMATE_NAME, get_token_counter
+from kokoro_helpers import cards
+from kokoro_helpers.report import cost_report
+from kokoro_helpers.report.cost_report import CostReportError
+from kokoro_helpers.data.pipeline import prepare_data
+from kokoro_helpers.data.tokens import ESTIMATE_NAME, get_token_counter
 
 ROOT = Path(__file__).resolve().parents[1]
 MINI = "gpt-4o-mini-2024-07-18"
@@ -185,7 +186,7 @@ def test_what_if_scales_tokens_per_dialogue_and_applies_auto_epochs_at_the_heuri
 # --------------------------------------------------------------------------- the seeds
 
 def test_the_seeds_figures_beside_the_corrected_ones():
-    from kokoro_helpers.prices import load_prices
+    from kokoro_helpers.report.prices import load_prices
     cmp = cost_report.seeds_comparison(load_prices())
     s, c = cmp["seeds"], cmp["corrected"]
     assert s["billed_tokens"] == 116_200_000 and s["training_usd"] == pytest.approx(46.48)
@@ -205,7 +206,7 @@ def test_the_seeds_figures_beside_the_corrected_ones():
 
 
 def test_the_quoted_tokens_beside_this_runs_true_total_per_split(embedded_run):
-    from kokoro_helpers.prices import load_prices
+    from kokoro_helpers.report.prices import load_prices
     stats = _stats(embedded_run)
     cmp = cost_report.seeds_comparison(load_prices(), stats=stats)
     tw = cmp["tokens_with_overhead"]
@@ -327,7 +328,7 @@ def test_inference_without_api_usage_uses_the_reference_replies_and_says_so(tmp_
 
 
 def test_inference_is_estimated_from_the_test_split_before_03_runs(embedded_run):
-    from kokoro_helpers.evaluate import build_eval_items
+    from kokoro_helpers.evaluation.evaluate import build_eval_items
     inputs = cost_report.load_inputs(embedded_run)
     work = cost_report.measure_workload(inputs)
     expected = build_eval_items(embedded_run, splits=("test",), max_eval_items=None, log=None)
@@ -414,7 +415,7 @@ def test_notebook_05_contract():
         if "#" in line:
             comment = line.split("#", 1)[1]
             assert "'" not in comment and "=" not in comment, line      # papermill cannot parse them
-    from kokoro_helpers.report import declared_parameters
+    from kokoro_helpers.report.index import declared_parameters
     names = declared_parameters(path)
     assert {"run_dir", "seed", "prices_file", "n_epochs", "openai_base_model", "max_example_tokens"} | NEW_05_NAMES <= names
     for params_file in ("default.yaml", "kokorochat.yaml"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kokoro_helpers import costs
+from kokoro_helpers.report import costs
 
 EST = "estimate:0.6/non-ASCII char+0.25/ASCII char (no o200k_base file)"
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from conftest import eval_id
-from kokoro_helpers.schema import SCORE_SUBSETS
-from kokoro_helpers.split import split_sizes
+from kokoro_helpers.data.schema import SCORE_SUBSETS
+from kokoro_helpers.data.split import split_sizes
 
 SPLITS = ("train", "valid", "test")
 

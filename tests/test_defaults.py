@@ -36,7 +36,7 @@ def test_notebook_parameters_match_default_yaml(path):
 
 
 def test_trainer_config_defaults_match_default_yaml():
-    from kokoro_helpers.sft_config import LoraTrainConfig
+    from kokoro_helpers.local.sft_config import LoraTrainConfig
 
     cfg = LoraTrainConfig()
     shared = [f.name for f in dataclasses.fields(cfg) if f.name in DEFAULTS]

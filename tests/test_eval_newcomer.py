@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kokoro_helpers import report
+from kokoro_helpers.report import index as report
 from kokoro_helpers.paths import SAMPLE_DIR
 
 ROOT = Path(__file__).resolve().parents[1]

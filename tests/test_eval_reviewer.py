@@ -12,14 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kokoro_helpers import evaluate as ev
-from kokoro_helpers import judge as jd
-from kokoro_helpers import judge_endpoint as je
-from kokoro_helpers import judge_validity as jv
-from kokoro_helpers import paired as pr
-from kokoro_helpers import score_prediction as sp
-from kokoro_helpers import sessions as sess
-from kokoro_helpers.schema import CRITERIA
+from kokoro_helpers.evaluation import evaluate as ev
+from kokoro_helpers.evaluation import judge as jd
+from kokoro_helpers.evaluation import judge_endpoint as je
+from kokoro_helpers.evaluation import judge_validity as jv
+from kokoro_helpers.evaluation import paired as pr
+from kokoro_helpers.evaluation import score_prediction as sp
+from kokoro_helpers.evaluation import sessions as sess
+from kokoro_helpers.data.schema import CRITERIA
 
 
 def _completion(text: str, model: str = "judge") -> dict:
@@ -110,7 +110,7 @@ def test_judge_endpoint_connection_refused_never_crashes(tmp_path):
 def test_resolve_judge_settings(monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("KOKORO_OPENAI_DRY_RUN", raising=False)
-    monkeypatch.setattr("kokoro_helpers.openai_ft.load_env", lambda *a, **k: None)
+    monkeypatch.setattr("kokoro_helpers.hosted.openai_ft.load_env", lambda *a, **k: None)
     notes = []
     assert je.resolve_judge(None, log=notes.append) is None and "judge: null" in notes[-1]
     assert je.resolve_judge({"model": "gpt-x"}, log=notes.append) is None and "OPENAI_API_KEY" in notes[-1]
@@ -193,7 +193,7 @@ def test_judge_validity_with_a_real_sdk_judge_and_the_fake(sample_run):
             return httpx2.Response(200, json=_completion("よい相談でした。"))
         return httpx2.Response(200, json=_completion(json.dumps({"scores": test[sid].ratings})))
 
-    from kokoro_helpers.judge_endpoint import JudgeSpec
+    from kokoro_helpers.evaluation.judge_endpoint import JudgeSpec
     spec = JudgeSpec(_sdk_client(handler), "oracle", "oracle @ judge.local")
     result = jv.judge_validity(sessions, spec, split="train", run_dir=sample_run, progress=False, log=None)
     assert result.n_sessions == len(test) == 39
@@ -378,7 +378,7 @@ def _rubric_answer(body):
 
 
 def test_judge_batch_is_resumable_and_matched_by_custom_id(tmp_path):
-    from kokoro_helpers.batch_api import BatchError, BatchRunner
+    from kokoro_helpers.hosted.batch import BatchError, BatchRunner
     items, gens = _items_and_gens()
     state_dir = tmp_path / "eval" / "batches"
     server = FakeBatchServer(_rubric_answer, state_dir=state_dir)
@@ -404,7 +404,7 @@ def test_judge_batch_is_resumable_and_matched_by_custom_id(tmp_path):
 
 
 def test_expired_or_failed_batch_is_a_clear_error_and_keeps_what_came_back(tmp_path):
-    from kokoro_helpers.batch_api import BatchError, BatchRunner
+    from kokoro_helpers.hosted.batch import BatchError, BatchRunner
     items, gens = _items_and_gens()
     server = FakeBatchServer(_rubric_answer, final="expired", partial=4)
     client = _sdk_client(server, max_retries=0)
@@ -449,7 +449,7 @@ def test_eval_batch_replies_through_generate_all(tmp_path):
 # ---- the LLM regressor (sequence-classification head + LoRA), on the tiny model on the CPU ---------
 
 def test_llm_plan():
-    from kokoro_helpers import score_prediction_llm as spl
+    from kokoro_helpers.evaluation import score_prediction_llm as spl
     import torch
     if torch.cuda.is_available():
         pytest.skip("the CPU rules are what is tested here")
@@ -463,7 +463,7 @@ def test_llm_plan():
 
 
 def test_llm_regressor_trains_saves_and_rates_on_the_tiny_model(sample_run, tmp_path):
-    from kokoro_helpers import score_prediction_llm as spl
+    from kokoro_helpers.evaluation import score_prediction_llm as spl
     sessions = sess.load_sessions(sample_run)
     train = [s for s in sessions if s.split == "train"]
     pred = spl.fit_llm_regressor(train, "embedded:tiny", targets=["score", "felt_respected"], epochs=1,
@@ -480,7 +480,7 @@ def test_llm_regressor_trains_saves_and_rates_on_the_tiny_model(sample_run, tmp_
     assert card["kind"] == "score_predictor_llm" and card["target_scale"] == {"score": 100, "felt_respected": 5}
     assert (folder / "adapter_model.safetensors").is_file()
     from peft import AutoPeftModelForSequenceClassification
-    from kokoro_helpers.tiny_model import quiet_transformers
+    from kokoro_helpers.local.tiny_model import quiet_transformers
     with quiet_transformers():
         again = AutoPeftModelForSequenceClassification.from_pretrained(str(folder), num_labels=2)
     reloaded = spl.LLMScorePredictor(again, pred.tokenizer, pred.targets, pred.train_means, 128, pred.name)
@@ -488,7 +488,7 @@ def test_llm_regressor_trains_saves_and_rates_on_the_tiny_model(sample_run, tmp_
 
 
 def test_report_index_shows_validity_prediction_and_paired_verdicts(sample_run):
-    from kokoro_helpers import report
+    from kokoro_helpers.report import index as report
     sessions = sess.load_sessions(sample_run)
     jv.write_validity(jv.judge_validity(sessions, je.resolve_judge("fake", log=None), progress=False, log=None),
                       sample_run)

@@ -18,12 +18,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from kokoro_helpers import evaluate as ev
-from kokoro_helpers import judge as jd
-from kokoro_helpers import metrics as mt
+from kokoro_helpers.evaluation import evaluate as ev
+from kokoro_helpers.evaluation import judge as jd
+from kokoro_helpers.evaluation import metrics as mt
 from kokoro_helpers.cards import new_card, save_card
-from kokoro_helpers.data import prepare_data
-from kokoro_helpers.tokens import estimate_counter
+from kokoro_helpers.data.pipeline import prepare_data
+from kokoro_helpers.data.tokens import estimate_counter
 
 
 # ------------------------------------------------------------------------------------------------
@@ -489,7 +489,7 @@ def _cards(run_dir: Path):
 def test_models_from_run(run_dir, monkeypatch):
     _cards(run_dir)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    from kokoro_helpers import openai_ft
+    from kokoro_helpers.hosted import openai_ft
     monkeypatch.setattr(openai_ft, "has_api_key", lambda: False)
     log = []
     rs = ev.models_from_run(run_dir, extra_endpoints=[{"base_url": "http://127.0.0.1:9/v1", "model": "served"}],
@@ -533,7 +533,7 @@ def test_local_responder_batches_and_caches(run_dir, items):
 
 
 def test_local_responder_without_generate_module(monkeypatch, items):
-    monkeypatch.setitem(sys.modules, "kokoro_helpers.generate", None)
+    monkeypatch.setitem(sys.modules, "kokoro_helpers.local.generate", None)
     r = ev.LocalResponder(new_card("local_lora", "lora-x", "tiny-base", {}), progress=False)
     with pytest.raises(ev.LocalGenerationUnavailable, match="OpenAI-compatible server"):
         r.respond(items[:1])

@@ -1,4 +1,4 @@
-"""Local inference (kokoro_helpers.generate): loading, errors, batched vs per-prompt greedy,
+"""Local inference (kokoro_helpers.local.generate): loading, errors, batched vs per-prompt greedy,
 streaming, adapter switching, merge export, the OOM fallback.
 
 Adapters are made with peft directly on the embedded tiny model (random LoRA weights, so an
@@ -19,8 +19,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
 from kokoro_helpers import cards  # noqa: E402
-from kokoro_helpers import generate as gen  # noqa: E402
-from kokoro_helpers.tiny_model import EMBEDDED_TINY, build_tiny_model, load_tiny_model  # noqa: E402
+from kokoro_helpers.local import generate as gen  # noqa: E402
+from kokoro_helpers.local.tiny_model import EMBEDDED_TINY, build_tiny_model, load_tiny_model  # noqa: E402
 
 SYSTEM = "あなたは心理カウンセラーです。"
 
@@ -58,8 +58,8 @@ def lm(adapters) -> gen.LocalModel:
 @pytest.fixture(scope="module")
 def contexts(tmp_path_factory) -> list[list[dict[str, str]]]:
     """Counselor-turn contexts of the embedded sample's held-out dialogues (01_data into a temp run)."""
-    from kokoro_helpers.data import prepare_data
-    from kokoro_helpers.tokens import estimate_counter
+    from kokoro_helpers.data.pipeline import prepare_data
+    from kokoro_helpers.data.tokens import estimate_counter
 
     run = tmp_path_factory.mktemp("run")
     with pytest.MonkeyPatch.context() as mp:

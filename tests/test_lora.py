@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 
-from kokoro_helpers.data import prepare_data
-from kokoro_helpers.tokens import estimate_counter
-from kokoro_helpers.lora_data import (IGNORE_INDEX, ChatEncoder, ChatTemplateError, encode_examples,
+from kokoro_helpers.data.pipeline import prepare_data
+from kokoro_helpers.data.tokens import estimate_counter
+from kokoro_helpers.local.lora_data import (IGNORE_INDEX, ChatEncoder, ChatTemplateError, encode_examples,
                                       window_example)
 
 SYSTEM = "あなたは相談者の話に丁寧に耳を傾ける心理カウンセラーです。"
@@ -185,7 +185,7 @@ def test_an_exchange_that_cannot_fit_is_dropped_and_reported(encoder):
 # ------------------------------------------------------------------------------------ batches
 
 def test_length_grouping_wastes_less_than_fixed_padding(encoder, sample):
-    from kokoro_helpers.train_callbacks import EpochLengthGroupedSampler
+    from kokoro_helpers.local.train_callbacks import EpochLengthGroupedSampler
 
     items, _ = encode_examples(sample.examples["train"], encoder, 512)
     lengths = [len(e) for e in items]

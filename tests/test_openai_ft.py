@@ -13,9 +13,10 @@ from typing import Any
 import httpx2
 import pytest
 
-from kokoro_helpers import cards, openai_ft
-from kokoro_helpers.data import prepare_data
-from kokoro_helpers.tokens import estimate_counter
+from kokoro_helpers import cards
+from kokoro_helpers.hosted import openai_ft
+from kokoro_helpers.data.pipeline import prepare_data
+from kokoro_helpers.data.tokens import estimate_counter
 
 from fake_openai import BASE_URL, FakeOpenAI
 

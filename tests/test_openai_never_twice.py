@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from kokoro_helpers import cards, openai_ft, report
-from kokoro_helpers.openai_jobs import RunLock
-from kokoro_helpers.tokens import estimate_counter
+from kokoro_helpers import cards
+from kokoro_helpers.hosted import openai_ft
+from kokoro_helpers.report import index as report
+from kokoro_helpers.hosted.jobs import RunLock
+from kokoro_helpers.data.tokens import estimate_counter
 
 from fake_openai import AZURE_API_VERSION, AZURE_ENDPOINT, FakeOpenAI
 from test_openai_ft import Sleeps, _data_once, no_key, run_dir, run_ft  # noqa: F401 - fixtures
@@ -376,7 +378,7 @@ def test_amounts_keep_enough_digits():
 
 
 def test_03_uses_an_azure_card_through_its_deployment(tmp_path, azure_env):
-    from kokoro_helpers import evaluate
+    from kokoro_helpers.evaluation import evaluate
     card = cards.new_card("openai", "gpt-4o-mini-2024-07-18.ft-0001", "gpt-4o-mini-2024-07-18", {},
                           provider="azure", azure_deployment=None, job_id="ftjob-1", status="succeeded")
     path = cards.save_card(cards.card_path(tmp_path, "openai-kokoro-chat-ftjob-1"), card)
@@ -392,7 +394,7 @@ def test_03_uses_an_azure_card_through_its_deployment(tmp_path, azure_env):
 def test_azure_prices_have_a_source_a_date_and_are_validated():
     import copy
 
-    from kokoro_helpers.prices import PriceError, load_prices, validate_prices
+    from kokoro_helpers.report.prices import PriceError, load_prices, validate_prices
     table = load_prices()
     az = table.for_provider("azure")
     assert az.source.startswith("Azure OpenAI pricing page") and az.as_of == "2026-11"
@@ -406,7 +408,7 @@ def test_azure_prices_have_a_source_a_date_and_are_validated():
         validate_prices(bad)
     del bad["azure"]
     validate_prices(bad)                                   # the section is optional
-    from kokoro_helpers.prices import PriceTable
+    from kokoro_helpers.report.prices import PriceTable
     with pytest.raises(PriceError, match="no `azure:` prices"):
         PriceTable(raw=bad).for_provider("azure")
 
@@ -435,7 +437,7 @@ def test_the_lock_holds_across_processes(run_dir, no_key):
     import sys
     root = Path(__file__).resolve().parents[1]
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom kokoro_helpers.openai_jobs import RunLock\n"
+        [sys.executable, "-c", "import sys, time\nfrom kokoro_helpers.hosted.jobs import RunLock\n"
          "with RunLock(sys.argv[1], what='submitting'):\n    print('held', flush=True)\n    time.sleep(30)\n",
          str(run_dir)], stdout=subprocess.PIPE, text=True, cwd=root,
         env={**__import__("os").environ, "PYTHONPATH": str(root)})

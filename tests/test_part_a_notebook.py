@@ -32,8 +32,8 @@ def test_a_refused_part_a_never_stops_part_b(tmp_path, refused_server, monkeypat
     run_dir = tmp_path / "run"
     monkeypatch.setenv("KOKORO_TIKTOKEN_OFFLINE", "1")
     monkeypatch.delenv("KOKORO_OPENAI_DRY_RUN", raising=False)
-    from kokoro_helpers.data import prepare_data
-    from kokoro_helpers.tokens import estimate_counter
+    from kokoro_helpers.data.pipeline import prepare_data
+    from kokoro_helpers.data.tokens import estimate_counter
     prepare_data(run_dir=str(run_dir), progress=False, token_counter=estimate_counter())
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     monkeypatch.setenv("OPENAI_BASE_URL", url)
@@ -67,8 +67,8 @@ def test_the_same_cells_fine_tune_on_azure(tmp_path, monkeypatch):
         run_dir = tmp_path / "run"
         monkeypatch.setenv("KOKORO_TIKTOKEN_OFFLINE", "1")
         monkeypatch.delenv("KOKORO_OPENAI_DRY_RUN", raising=False)
-        from kokoro_helpers.data import prepare_data
-        from kokoro_helpers.tokens import estimate_counter
+        from kokoro_helpers.data.pipeline import prepare_data
+        from kokoro_helpers.data.tokens import estimate_counter
         prepare_data(run_dir=str(run_dir), progress=False, token_counter=estimate_counter())
         monkeypatch.setenv("OPENAI_API_KEY", "")
         monkeypatch.setenv("AZURE_OPENAI_ENDPOINT", url.removesuffix("/v1"))

@@ -8,8 +8,8 @@ from datetime import date
 import pytest
 import yaml
 
-from kokoro_helpers import prices
-from kokoro_helpers.prices import PriceError, load_prices
+from kokoro_helpers.report import prices
+from kokoro_helpers.report.prices import PriceError, load_prices
 
 # issue 7 §1, as published on OpenAI's pricing page (copy seen Aug-Nov 2026)
 EXPECTED = {

@@ -6,8 +6,8 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from kokoro_helpers import generate as gen  # noqa: E402
-from kokoro_helpers.tiny_model import build_tiny_model  # noqa: E402
+from kokoro_helpers.local import generate as gen  # noqa: E402
+from kokoro_helpers.local.tiny_model import build_tiny_model  # noqa: E402
 
 SYSTEM = "あなたは心理カウンセラーです。"
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from kokoro_helpers import report
+from kokoro_helpers.report import index as report
 from kokoro_helpers.params import parse_overrides
-from kokoro_helpers.data import prepare_data
+from kokoro_helpers.data.pipeline import prepare_data
 
 
 def _notebook(path: Path, params_src: str, body: str) -> None:
@@ -91,7 +91,8 @@ def test_project_notebooks_declare_the_shared_names():
 
 def _write_artefacts_of_every_step(run_dir: Path) -> None:
     """What 02, 03 and 05 write, in their contract shapes (invented numbers, no KokoroChat text)."""
-    from kokoro_helpers import cards, cost_report
+    from kokoro_helpers import cards
+    from kokoro_helpers.report import cost_report
 
     local = cards.new_card("local_lora", "lora-tiny", "embedded:tiny", {"device": "cpu", "world_size": 1},
                            training_metrics={"train_tokens_per_s": 800.0, "wall_s": 12.5, "epochs": 3.0,

@@ -13,7 +13,7 @@ import httpx2
 import openai
 import pytest
 
-from kokoro_helpers import saved_models
+from kokoro_helpers.models import saved_models
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED_ID = "ft:gpt-4o-mini-2024-07-18:personal:kokoro-chat:AbCdEf12"
@@ -134,11 +134,11 @@ def test_unknown_id_in_a_fresh_process(tmp_path):
 
 
 def test_local_lora_card_without_the_local_module_says_where_local_models_are_served(tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "kokoro_helpers.generate", None)   # as if the module did not exist
+    monkeypatch.setitem(sys.modules, "kokoro_helpers.local.generate", None)   # as if the module did not exist
     write_card(tmp_path, "lora-tiny", LORA_CARD)
     assert saved_models.main(["--model-id", "lora-tiny", "--input", "x", "--run-dir", str(tmp_path)]) == 1
     line = one_error_line(capsys)
-    assert "kokoro_helpers.serve" in line and "04" in line
+    assert "kokoro_helpers.local.serve" in line and "04" in line
 
 
 def _fake_chat_client(seen: list):

@@ -1,4 +1,4 @@
-"""Manual scoring (kokoro_helpers.scoring): the widget's submit / back / skip / resume, refusals,
+"""Manual scoring (kokoro_helpers.evaluation.scoring): the widget's submit / back / skip / resume, refusals,
 durability under SIGKILL, the summary (means, t-intervals, plots, CSV), Krippendorff's alpha on
 a published table, and evaluation_results written into model cards.
 
@@ -19,9 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from kokoro_helpers import cards, scoring
-from kokoro_helpers.schema import CRITERIA as KC
-from kokoro_helpers.scoring import (CRITERIA_PRESETS, ScoreError, ScoringWidget, agreement, agreement_table,
+from kokoro_helpers import cards
+from kokoro_helpers.evaluation import scoring
+from kokoro_helpers.data.schema import CRITERIA as KC
+from kokoro_helpers.evaluation.scoring import (CRITERIA_PRESETS, ScoreError, ScoringWidget, agreement, agreement_table,
                                     append_record, check_rater, demo_scores, export_csv, load_scores,
                                     plot_distributions, plot_means, rater_order, resolve_criteria, summarize,
                                     t_critical, write_evaluation_results)
@@ -358,7 +359,7 @@ def test_never_waits_and_displays_without_a_frontend(tmp_path):
 
 CHILD = r"""
 import json, random, sys
-from kokoro_helpers.scoring import ScoringWidget
+from kokoro_helpers.evaluation.scoring import ScoringWidget
 items_path, store, rater, seed, mode = sys.argv[1:6]
 with open(items_path, encoding="utf-8") as f:
     items = json.load(f)
@@ -693,7 +694,7 @@ def test_write_evaluation_results_with_metrics_only(tmp_path):
 
 
 def test_few_scores_give_counts_and_means_only_and_intervals_stay_in_0_5(tmp_path):
-    from kokoro_helpers.scoring import MIN_SCORES_FOR_INTERVAL, mean_ci
+    from kokoro_helpers.evaluation.scoring import MIN_SCORES_FOR_INTERVAL, mean_ci
     _write(tmp_path, "r0", "item-000", "A", accuracy=0, relevance=5)
     _write(tmp_path, "r1", "item-000", "A", accuracy=5, relevance=5)
     summary = summarize(load_scores(tmp_path))
@@ -739,7 +740,7 @@ def test_a_reopened_notebook_shows_what_to_do_instead_of_the_widget(tmp_path, mo
 
 
 def test_summary_table_shows_counts_and_means_only_below_the_stated_number(tmp_path):
-    from kokoro_helpers.scoring import summary_table
+    from kokoro_helpers.evaluation.scoring import summary_table
     for i, s in enumerate([1, 2, 3, 4, 5]):
         _write(tmp_path, f"r{i}", "item-000", "A", accuracy=s, relevance=3)
     _write(tmp_path, "r0", "item-001", "B", accuracy=0, relevance=5)

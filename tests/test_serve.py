@@ -1,4 +1,4 @@
-"""The OpenAI-compatible server (kokoro_helpers.serve) against the real `openai` client, over real
+"""The OpenAI-compatible server (kokoro_helpers.local.serve) against the real `openai` client, over real
 HTTP on a free loopback port: non-streaming, streaming, concurrency, 4xx bodies, the CLI."""
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from kokoro_helpers import generate as gen  # noqa: E402
-from kokoro_helpers import serve  # noqa: E402
-from kokoro_helpers.tiny_model import build_tiny_model  # noqa: E402
+from kokoro_helpers.local import generate as gen  # noqa: E402
+from kokoro_helpers.local import serve  # noqa: E402
+from kokoro_helpers.local.tiny_model import build_tiny_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MESSAGES = [{"role": "system", "content": "あなたは心理カウンセラーです。"},

@@ -12,10 +12,10 @@ from collections import Counter
 import pytest
 
 from conftest import ROOT, eval_id
-from kokoro_helpers import schema
-from kokoro_helpers.convert import record_id
+from kokoro_helpers.data import schema
+from kokoro_helpers.data.convert import record_id
 from kokoro_helpers.paths import SAMPLE_DIR
-from kokoro_helpers.sources import SourceError, describe_source, read_source
+from kokoro_helpers.data.sources import SourceError, describe_source, read_source
 
 HUB = "UEC-InabaLab/KokoroChat"
 

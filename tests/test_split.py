@@ -6,8 +6,8 @@ from collections import Counter
 
 import pytest
 
-from kokoro_helpers.schema import TOPICS
-from kokoro_helpers.split import SPLIT_NAMES, split_ids, split_sizes
+from kokoro_helpers.data.schema import TOPICS
+from kokoro_helpers.data.split import SPLIT_NAMES, split_ids, split_sizes
 
 # the corpus's ids: 6,589 of 4..7234 (with gaps), reproduced deterministically
 CORPUS_IDS = sorted(random.Random(0).sample(range(4, 7235), 6589))

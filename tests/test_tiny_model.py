@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from kokoro_helpers import tiny_model as tm
+from kokoro_helpers.local import tiny_model as tm
 
 SMALL = tm.TinyRecipe(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from kokoro_helpers import tokens as tokens_mod
-from kokoro_helpers.tokens import (ENCODING, ENCODING_SHA256, ENCODING_URL, REPLY_PRIMING, TOKENS_PER_MESSAGE,
+from kokoro_helpers.data import tokens as tokens_mod
+from kokoro_helpers.data.tokens import (ENCODING, ENCODING_SHA256, ENCODING_URL, REPLY_PRIMING, TOKENS_PER_MESSAGE,
                                    EncodingFileError, TokenCounter, estimate_counter, expected_sha256,
                                    get_token_counter, install_encoding_file, tiktoken_cache_dir, total_tokens)
 
@@ -212,7 +212,7 @@ def test_prepare_data_records_counter_and_token_totals(tmp_path, run):
 
 
 def test_prepare_data_offline_records_the_estimate(tmp_path, get_encoding_calls):
-    from kokoro_helpers.data import prepare_data
+    from kokoro_helpers.data.pipeline import prepare_data
 
     t0 = time.monotonic()
     prepare_data("embedded", run_dir=tmp_path / "run", progress=False)
@@ -290,7 +290,7 @@ def test_counts_are_exact_offline_from_the_bundled_file(tmp_path, monkeypatch, g
 
 
 def prepare_data_with(tmp_path, counter):
-    from kokoro_helpers.data import prepare_data
+    from kokoro_helpers.data.pipeline import prepare_data
 
     return prepare_data("embedded", run_dir=tmp_path / "run", token_counter=counter, progress=False,
                         system_prompt="あなたは心理カウンセラーです。")
@@ -370,7 +370,7 @@ def test_cached_file_is_tried_even_when_offline_flag_is_set(tmp_path, monkeypatc
 def test_windows_are_sized_with_the_counter_that_bills(tmp_path, monkeypatch):
     """Exact o200k_base counts offline: windows fit max_example_tokens by the exact count."""
     import tiktoken
-    from kokoro_helpers.data import prepare_data
+    from kokoro_helpers.data.pipeline import prepare_data
 
     monkeypatch.setattr(tokens_mod, "bundled_encoding_file", lambda: BUNDLED)
     monkeypatch.setattr(tiktoken, "get_encoding", tiktoken.registry.get_encoding)

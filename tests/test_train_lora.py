@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from kokoro_helpers import cards
-from kokoro_helpers.data import prepare_data
-from kokoro_helpers.lora_data import ChatTemplateError
-from kokoro_helpers.train_lora import SKIPPED_EXIT, LoraRun, LoraTrainConfig, main, make_plan, train_lora
+from kokoro_helpers.data.pipeline import prepare_data
+from kokoro_helpers.local.lora_data import ChatTemplateError
+from kokoro_helpers.local.train_lora import SKIPPED_EXIT, LoraRun, LoraTrainConfig, main, make_plan, train_lora
 
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEM = "あなたは相談者の話に丁寧に耳を傾ける心理カウンセラーです。"
@@ -82,7 +82,7 @@ def test_held_out_batch_has_its_own_name_and_never_exceeds_the_training_batch():
 
 
 def test_trainer_args_pass_through_and_a_misspelt_field_names_the_closest():
-    from kokoro_helpers.sft_config import build_sft_config
+    from kokoro_helpers.local.sft_config import build_sft_config
 
     cfg = LoraTrainConfig.from_params({"trainer_args": {"lr_scheduler_kwargs": {}, "logging_nan_inf_filter": False,
                                                         "optim": "adamw_torch"}})
@@ -96,7 +96,7 @@ def test_trainer_args_pass_through_and_a_misspelt_field_names_the_closest():
 
 
 def test_plan_skips_hub_models_on_cpu_and_refuses_quantization_without_cuda(monkeypatch):
-    import kokoro_helpers.train_lora as tl
+    import kokoro_helpers.local.train_lora as tl
 
     monkeypatch.setattr(tl, "_cuda_available", lambda: False)
     plan = make_plan(LoraTrainConfig(local_base_model="Qwen/Qwen2.5-0.5B-Instruct"))
@@ -154,7 +154,7 @@ def test_bad_bases_and_modules_fail_before_any_weight_loads(small_run, base_dir,
 
 
 def test_memory_plan_says_what_fits(small_run, base_dir):
-    from kokoro_helpers.memory_plan import estimate
+    from kokoro_helpers.local.memory_plan import estimate
     from transformers import AutoConfig
 
     run = LoraRun(config(small_run, base_dir)).check()
@@ -167,7 +167,7 @@ def test_memory_plan_says_what_fits(small_run, base_dir):
     with pytest.raises(MemoryError, match="WILL NOT FIT"):
         run2 = LoraRun(config(small_run, base_dir))
         run2.plan.device = "cpu"
-        import kokoro_helpers.memory_plan as mp
+        import kokoro_helpers.local.memory_plan as mp
         original = mp.device_memory_gib
         try:
             mp.device_memory_gib = lambda *a, **k: 1e-4
@@ -359,7 +359,7 @@ def test_a_random_real_architecture_folder_trains_loads_generates_and_merges_in_
     import torch
     from transformers import AutoModelForCausalLM
 
-    from kokoro_helpers import generate
+    from kokoro_helpers.local import generate
 
     small_run, base = qwen2_run
     card = cards.load_card(small_run / "models" / "qwen2-rand.json")
@@ -374,7 +374,7 @@ def test_a_random_real_architecture_folder_trains_loads_generates_and_merges_in_
 
     # replacing the folder's weights changes the base's identity: the old checkpoints are not resumed
     # (on a copy: the folder stays the trained run's base for the tests below)
-    from kokoro_helpers.base_fingerprint import base_fingerprint
+    from kokoro_helpers.local.base_fingerprint import base_fingerprint
     copy = shutil.copytree(base, tmp_path / "qwen2-copy")
     before = base_fingerprint(str(copy))
     assert before == base_fingerprint(str(base))                       # by content, not by path
@@ -390,8 +390,8 @@ def test_a_random_real_architecture_folder_trains_loads_generates_and_merges_in_
 def test_the_random_real_architecture_folder_is_evaluated_by_03_from_its_card(qwen2_run):
     """03's evaluation path as for a Hub id: the card found in run_dir, adapter and base as responders,
     replies generated, cached, and keyed by the base's content."""
-    from kokoro_helpers import evaluate as ev
-    from kokoro_helpers.base_fingerprint import base_fingerprint
+    from kokoro_helpers.evaluation import evaluate as ev
+    from kokoro_helpers.local.base_fingerprint import base_fingerprint
 
     run_dir, base = qwen2_run
     logs: list[str] = []
@@ -413,7 +413,7 @@ def test_the_random_real_architecture_folder_is_served_by_its_card_name(qwen2_ru
     """The server's app built from the run's card name (as `--model qwen2-rand`), one chat completion."""
     from fastapi.testclient import TestClient
 
-    from kokoro_helpers import serve
+    from kokoro_helpers.local import serve
 
     run_dir, _ = qwen2_run
     app = serve.create_app("qwen2-rand", run_dir=run_dir, max_tokens=4, temperature=0.0)
@@ -439,7 +439,7 @@ def test_the_random_real_architecture_folder_is_served_by_its_card_name(qwen2_ru
 def test_local_mode_auto_explains_why_the_folder_does_not_train_on_a_cpu(qwen2_run, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    import kokoro_helpers.train_lora as tl
+    import kokoro_helpers.local.train_lora as tl
 
     _, base = qwen2_run
     monkeypatch.setattr(tl, "_cuda_available", lambda: False)

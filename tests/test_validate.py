@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from kokoro_helpers.validate import OPENAI_CATEGORIES, PROJECT_CATEGORIES, count_errors, example_errors
+from kokoro_helpers.data.validate import OPENAI_CATEGORIES, PROJECT_CATEGORIES, count_errors, example_errors
 
 SYS = {"role": "system", "content": "あなたはカウンセラーです。"}
 USER = {"role": "user", "content": "最近、眠れないんです。"}
