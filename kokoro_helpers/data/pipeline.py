@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import functools
 import gc
-import hashlib
-import json
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +19,7 @@ from kokoro_helpers.progress import tqdm
 
 from kokoro_helpers.data.convert import (Dialogue, RecordError, content_id, id_sort_key, parse_record, split_into_windows,
                       to_messages)
-from kokoro_helpers.jsonio import write_json_atomic
+from kokoro_helpers.jsonio import write_json_atomic, write_jsonl
 from kokoro_helpers.paths import resolve
 from kokoro_helpers.data.schema import SCORE_SUBSETS
 from kokoro_helpers.data.sources import Reject, read_source
@@ -62,34 +59,6 @@ def score_bounds(min_score: int | None, max_score: int | None, score_subset: str
             raise ValueError(f"score_subset must be one of {sorted(SCORE_SUBSETS)} or null, got {score_subset!r}")
         return SCORE_SUBSETS[key]
     return min_score, max_score
-
-
-try:  # orjson writes exactly json.dumps(r, ensure_ascii=False, separators=(",", ":")) as UTF-8, faster
-    from orjson import dumps as _dumps_bytes
-except ImportError:
-    _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-
-    def _dumps_bytes(obj: Any) -> bytes:
-        return _encode(obj).encode("utf-8")
-
-
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> str:
-    """Write rows as JSON lines atomically (tmp file + rename); returns the sha256 of the file."""
-    # line by line (same bytes, same hash): no file-sized intermediate strings, whose fresh
-    # memory costs more than the copying itself on a large split
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    digest = hashlib.sha256()
-    try:
-        with open(tmp, "wb", buffering=1 << 20) as f:
-            for r in rows:
-                line = _dumps_bytes(r) + b"\n"
-                digest.update(line)
-                f.write(line)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
-    return digest.hexdigest()
 
 
 def _cyclic_gc_paused(fn):

@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 from kokoro_helpers.progress import tqdm
 
 from kokoro_helpers.cards import now_iso
-from kokoro_helpers.jsonio import file_sha256, read_jsonl
+from kokoro_helpers.jsonio import file_sha256, read_jsonl, write_jsonl
 from kokoro_helpers.retry import is_transient_error
 from kokoro_helpers.paths import resolve
 
@@ -201,7 +201,6 @@ def describe_items(items: Sequence[Item]):
 def save_items(items: Sequence[Item], run_dir: str | Path) -> Path:
     """Write the items to run_dir/eval/items.jsonl (atomically) so scoring sessions and later
     notebooks use exactly the same ones."""
-    from kokoro_helpers.data.pipeline import write_jsonl
     path = eval_dir(run_dir) / "items.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     write_jsonl(path, list(items))
@@ -848,7 +847,6 @@ def generate_all(items: Sequence[Item], responders: Sequence[Any], run_dir: str 
     finish_reason — and returns the same rows as a DataFrame.
     """
     import pandas as pd
-    from kokoro_helpers.data.pipeline import write_jsonl
 
     items = list(items)
     ids = [it["item_id"] for it in items]
