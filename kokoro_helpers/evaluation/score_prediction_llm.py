@@ -118,6 +118,7 @@ def fit_llm_regressor(train: Sequence[Session], base_model: str, *, targets: Seq
                               TrainingArguments, set_seed)
 
     from kokoro_helpers.local.tiny_model import quiet_transformers, resolve_base_model
+    from kokoro_helpers.local.precision import choose_precision, torch_dtype
 
     train = list(train)
     targets = list(targets)
@@ -131,7 +132,9 @@ def fit_llm_regressor(train: Sequence[Session], base_model: str, *, targets: Seq
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     gpu = torch.cuda.is_available()
-    dtype = torch.bfloat16 if gpu and torch.cuda.is_bf16_supported() else torch.float32
+    # fp16 has no loss scaling in this plain Trainer set-up, so a GPU without bf16 trains in fp32
+    precision = choose_precision("cuda" if gpu else "cpu")
+    dtype = torch_dtype(precision if precision != "fp16" else "fp32")
     with quiet_transformers():
         model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=len(targets),
                                                                    problem_type="regression", dtype=dtype)

@@ -54,6 +54,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from kokoro_helpers import cards
 from kokoro_helpers.paths import portable, project_root, resolve
+from kokoro_helpers.local.precision import device_and_dtype
 
 DEFAULT_RUN_DIR = "runs/default"
 BASE_ADAPTER = "base"              # the pseudo-adapter name that means "adapter off, the base model"
@@ -336,28 +337,6 @@ def _source_from_folder(folder: Path, base_model: str | None, base_only: bool, a
 
 
 # =============================================================================== loading
-
-def device_and_dtype(device: str | None = None, dtype: str = "auto") -> tuple[str, Any]:
-    """("cuda" | "cpu", torch dtype): on a GPU bf16 (fp16 where bf16 is missing), on the CPU fp32."""
-    import torch
-
-    names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-             "fp16": torch.float16, "float16": torch.float16}
-    if device in (None, "auto"):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = str(device)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} but no CUDA GPU is visible: use device='cpu' (or None for automatic)")
-    if dtype in (None, "auto"):
-        if device.startswith("cuda"):
-            return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return device, torch.float32
-    if isinstance(dtype, str):
-        if dtype not in names:
-            raise ValueError(f"dtype must be auto, fp32, bf16 or fp16, got {dtype!r}")
-        return device, names[dtype]
-    return device, dtype
-
 
 @contextmanager
 def _quiet_loading():

@@ -53,6 +53,7 @@ from kokoro_helpers.local.memory_plan import return_freed_memory
 from kokoro_helpers.resources import prefer_passive_openmp
 from kokoro_helpers.local.sft_config import LoraTrainConfig
 from kokoro_helpers.local.tiny_model import EMBEDDED_TINY, is_embedded, portable_tokenizer_files, quiet_transformers
+from kokoro_helpers.local.precision import choose_precision, torch_dtype
 
 prefer_passive_openmp()
 
@@ -99,13 +100,7 @@ def make_plan(cfg: LoraTrainConfig) -> Plan:
     Raises ValueError for hardware settings this machine cannot run (quantization without CUDA)."""
     cuda = _cuda_available()
     device = "cuda" if cuda else "cpu"
-    if cfg.precision != "auto":
-        precision = cfg.precision
-    elif cuda:
-        import torch
-        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    else:
-        precision = "fp32"
+    precision = choose_precision(device, cfg.precision)
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     base = cfg.local_base_model
     if cfg.local_mode == "off":
@@ -459,7 +454,7 @@ class LoraRun:
         from transformers import AutoModelForCausalLM
 
         cfg = self.cfg
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.plan.precision]
+        dtype = torch_dtype(self.plan.precision)
         kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": cfg.attn_implementation}
         if cfg.quantization:
             from transformers import BitsAndBytesConfig
