@@ -17,7 +17,8 @@ import yaml
 from kokoro_helpers import cards
 from kokoro_helpers.report import cost_report
 from kokoro_helpers.report.cost_report import CostReportError
-from kokoro_helpers.data.pipeline import prepare_data
+from kokoro_helpers.data.pipeline import prepare_data, write_example_tokens
+from kokoro_helpers.jsonio import file_sha256
 from kokoro_helpers.data.tokens import ESTIMATE_NAME, get_token_counter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,12 +65,15 @@ def _hand_run(run_dir: Path, counter, train: list[dict], test: list[dict] | None
     splits = {"train": train, "valid": [], "test": test}
     tokens = {}
     per = []
+    counted = {}
     for name, rows in splits.items():
         (data / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
                                             encoding="utf-8")
         counts = [counter.count_messages(r["messages"]) for r in rows]
         tokens[name] = sum(counts)
         per.extend(counts)
+        counted[name] = (file_sha256(data / f"{name}.jsonl"), counts)
+    write_example_tokens(data, counter.name, counted)
     n_dlg = dialogues or len(train)
     stats = {"dialogues_in": n_dlg + len(test), "dialogues_kept": n_dlg + len(test),
              "splits": {"train": n_dlg, "valid": 0, "test": len(test)},
@@ -130,14 +134,14 @@ def test_every_cost_says_estimate_when_the_counter_is_one(embedded_run):
 def test_exact_counts_and_given_epochs_are_computed_not_estimated(tmp_path, chars):
     run_dir = _hand_run(tmp_path / "run", chars, [_example(100, 50)] * 12)
     inputs = cost_report.load_inputs(run_dir)
-    training = cost_report.training_costs(inputs, 4, counter=chars)
+    training = cost_report.training_costs(inputs, 4)
     mini = training[MINI]
     per_example = chars.count_messages(_example(100, 50)["messages"])
     assert per_example == (3 + 4 + 100) + (3 + 9 + 50) + 3                  # role "user" 4, "assistant" 9 chars
     assert mini.billed_tokens == 4 * 12 * per_example and not mini.is_estimate
     assert mini.label.startswith("computed")
     assert cost_report.training_table(training)["basis"].eq("computed").all()
-    auto = cost_report.training_costs(inputs, "auto", counter=chars)[MINI]  # 12 examples -> ceil(100/12) = 9
+    auto = cost_report.training_costs(inputs, "auto")[MINI]  # 12 examples -> ceil(100/12) = 9
     assert auto.epochs == 9 and auto.is_estimate and "auto" in auto.label and "token counts" not in auto.label
 
 
@@ -147,15 +151,21 @@ def test_per_example_cap_uses_per_example_counts_when_an_example_is_over_the_lim
     tokens = [chars.count_messages(e["messages"]) for e in train]
     assert tokens == [42, 322, 57]                   # (3 + 4 + user) + (3 + 9 + assistant) + 3
     inputs = cost_report.load_inputs(run_dir)
-    mini = cost_report.training_costs(inputs, 2, counter=chars)[MINI]
+    mini = cost_report.training_costs(inputs, 2)[MINI]
     assert mini.tokens_per_epoch == 42 + 150 + 57 and mini.capped_examples == 1
     assert mini.billed_tokens == 2 * 249 and mini.usd == pytest.approx(498 * 3.00 / 1e6)
     assert not mini.is_estimate                                      # exact counts, exact cap
-    # another counter than stats.json's: only totals can be used -> an upper bound, said so
+    # train.jsonl edited after 01 counted it: only totals can be used -> an upper bound, said so
+    with open(run_dir / "data" / "train.jsonl", "a", encoding="utf-8") as f:
+        f.write("\n")
     other = cost_report.load_inputs(run_dir)
-    bound = cost_report.training_costs(other, 2, counter=get_token_counter())[MINI]
+    bound = cost_report.training_costs(other, 2)[MINI]
     assert bound.billed_tokens == 2 * min(421, 3 * 150) and bound.is_estimate and "upper bound" in bound.label
-    assert any("per-example cap" in n for n in other.notes)
+    assert any("per-example cap" in n and "changed after 01_data" in n for n in other.notes)
+    (run_dir / "data" / "example_tokens.json").unlink()                 # an older 01 wrote no counts
+    older = cost_report.load_inputs(run_dir)
+    assert cost_report.training_costs(older, 2)[MINI].is_estimate
+    assert any("no train counts" in n for n in older.notes)
 
 
 def test_what_if_scales_tokens_per_dialogue_and_applies_auto_epochs_at_the_heuristic_bounds(tmp_path, chars):

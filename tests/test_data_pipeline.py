@@ -38,7 +38,9 @@ def test_outputs_follow_the_contract(tmp_path, run, sample_records):
     result = run("embedded", run_dir)
     data = run_dir / "data"
     assert sorted(p.name for p in data.iterdir()) == sorted(
-        ["train.jsonl", "valid.jsonl", "test.jsonl", "splits.json", "stats.json"])
+        ["train.jsonl", "valid.jsonl", "test.jsonl", "splits.json", "stats.json", "example_tokens.json"])
+    counted = json.loads((data / "example_tokens.json").read_text(encoding="utf-8"))
+    assert counted["token_counter"] == _stats(run_dir)["token_counter"]
     splits = json.loads((data / "splits.json").read_text(encoding="utf-8"))
     assert list(splits) == list(SPLITS)
     stats = _stats(run_dir)
@@ -53,7 +55,9 @@ def test_outputs_follow_the_contract(tmp_path, run, sample_records):
     for name in SPLITS:
         path = data / f"{name}.jsonl"
         blob = path.read_bytes()
-        assert stats["data_sha256"][name] == hashlib.sha256(blob).hexdigest()
+        assert stats["data_sha256"][name] == hashlib.sha256(blob).hexdigest() == counted["splits"][name]["sha256"]
+        assert sum(counted["splits"][name]["tokens"]) == stats["tokens"][name]
+        assert len(counted["splits"][name]["tokens"]) == stats["examples"][name]
         lines = blob.decode("utf-8").splitlines()
         assert len(lines) == stats["splits"][name] == stats["examples"][name]
         for line in lines:

@@ -361,3 +361,23 @@ def test_the_key_may_come_from_dotenv_and_never_overrides_the_environment(tmp_pa
     assert openai_ft.has_api_key() and openai_ft.resolve_mode("auto") == "submit"
     monkeypatch.setenv("OPENAI_API_KEY", "")               # the environment wins over .env
     assert not openai_ft.has_api_key() and openai_ft.resolve_mode("auto") == "dry_run"
+
+
+def test_preflight_reads_01s_counts_and_recounts_only_a_file_edited_since(run_dir):
+    class Refuses:
+        """A counter of the same name that must not be asked while 01's counts still describe the files."""
+        name = estimate_counter().name
+
+        def count_messages(self, messages):
+            raise AssertionError("pre-flight tokenised a file 01_data had already counted")
+
+    from kokoro_helpers.jsonio import read_json
+    saved = read_json(run_dir / "data" / "example_tokens.json")
+    pf = openai_ft.preflight(run_dir, counter=Refuses())
+    assert pf.example_tokens["train"] == saved["splits"]["train"]["tokens"]
+    with open(run_dir / "data" / "train.jsonl", "a", encoding="utf-8") as f:
+        f.write(open(run_dir / "data" / "train.jsonl", encoding="utf-8").readline())
+    with pytest.raises(AssertionError, match="already counted"):
+        openai_ft.preflight(run_dir, counter=Refuses())           # edited: counted again, not trusted
+    again = openai_ft.preflight(run_dir, counter=estimate_counter())
+    assert again.example_tokens["train"] == saved["splits"]["train"]["tokens"] + saved["splits"]["train"]["tokens"][:1]

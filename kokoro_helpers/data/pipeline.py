@@ -19,7 +19,7 @@ from kokoro_helpers.progress import tqdm
 
 from kokoro_helpers.data.convert import (Dialogue, RecordError, content_id, id_sort_key, parse_record, split_into_windows,
                       to_messages)
-from kokoro_helpers.jsonio import write_json_atomic, write_jsonl
+from kokoro_helpers.jsonio import read_json, write_json_atomic, write_jsonl
 from kokoro_helpers.paths import resolve
 from kokoro_helpers.data.schema import SCORE_SUBSETS
 from kokoro_helpers.data.sources import Reject, read_source
@@ -59,6 +59,34 @@ def score_bounds(min_score: int | None, max_score: int | None, score_subset: str
             raise ValueError(f"score_subset must be one of {sorted(SCORE_SUBSETS)} or null, got {score_subset!r}")
         return SCORE_SUBSETS[key]
     return min_score, max_score
+
+
+EXAMPLE_TOKENS_FILE = "example_tokens.json"
+
+
+def write_example_tokens(data_dir: Path, counter_name: str, splits: dict[str, tuple[str, list[int]]]) -> Path:
+    """data/example_tokens.json: each example's token count per split, with the counter that counted and the
+    sha256 of the file counted — so 02's pre-flight and 05 read the counts instead of tokenising again."""
+    return write_json_atomic(data_dir / EXAMPLE_TOKENS_FILE, {
+        "token_counter": counter_name,
+        "splits": {name: {"sha256": digest, "tokens": tokens} for name, (digest, tokens) in splits.items()}},
+        indent=None)
+
+
+def read_example_tokens(data_dir: str | Path, split: str, *, counter_name: str | None = None,
+                        sha256: str | None = None) -> tuple[list[int] | None, str]:
+    """(per-example counts of `split`, "") as 01 wrote them, or (None, why not): no file (an older 01), another
+    counter than `counter_name`, or a file whose sha256 is no longer the one counted (edited after 01)."""
+    path = Path(data_dir) / EXAMPLE_TOKENS_FILE
+    saved = read_json(path)
+    if not isinstance(saved, dict) or split not in (saved.get("splits") or {}):
+        return None, f"{path.name} has no {split} counts (re-run 01_data)"
+    if counter_name is not None and saved.get("token_counter") != counter_name:
+        return None, f"{path.name} was counted with {saved.get('token_counter')!r}, this kernel has {counter_name!r}"
+    entry = saved["splits"][split]
+    if sha256 is not None and entry.get("sha256") != sha256:
+        return None, f"{split}.jsonl changed after 01_data counted it (re-run 01_data)"
+    return [int(t) for t in entry.get("tokens") or []], ""
 
 
 def _cyclic_gc_paused(fn):
@@ -213,5 +241,6 @@ def prepare_data(
         "system_prompt": system_prompt or None,
     }
     write_json_atomic(out_dir / "splits.json", splits)
+    write_example_tokens(out_dir, counter.name, {n: (sha[n], example_tokens[n]) for n in SPLIT_NAMES})
     write_json_atomic(out_dir / "stats.json", stats)
     return DataResult(stats, splits, examples, rejects, rows, example_tokens, out_dir)

@@ -54,6 +54,7 @@ from kokoro_helpers.jsonio import file_sha256, read_json, read_jsonl, write_json
 from kokoro_helpers.retry import is_transient_error
 from kokoro_helpers.paths import project_root, resolve
 from kokoro_helpers.report.prices import DEFAULT_PRICES_FILE, PriceTable, load_prices
+from kokoro_helpers.data.pipeline import read_example_tokens
 from kokoro_helpers.data.tokens import TokenCounter, get_token_counter
 from kokoro_helpers.data.validate import example_errors
 from kokoro_helpers.hosted.errors import AZURE_ENV, KEY_ENV, SERVICE
@@ -315,8 +316,10 @@ def preflight(run_dir: str | Path = "runs/default", base_model: str = "gpt-4o-mi
     for split, path in files.items():
         examples = read_examples(path)
         sha[split] = file_sha256(path)
-        per_ex[split] = [counter.count_messages(ex.get("messages") or []) if isinstance(ex, dict) else 0
-                         for ex in examples]
+        per_ex[split], _ = read_example_tokens(data_dir, split, counter_name=counter.name, sha256=sha[split])
+        if per_ex[split] is None or len(per_ex[split]) != len(examples):   # edited after 01, or another counter
+            per_ex[split] = [counter.count_messages(ex.get("messages") or []) if isinstance(ex, dict) else 0
+                             for ex in examples]
         n_ex[split] = len(examples)
         toks[split] = sum(per_ex[split])
         for i, ex in enumerate(examples, 1):

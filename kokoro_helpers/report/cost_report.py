@@ -34,7 +34,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from kokoro_helpers import cards as cards_mod
 from kokoro_helpers.report import costs
-from kokoro_helpers.jsonio import read_json, write_json_atomic
+from kokoro_helpers.data.pipeline import read_example_tokens
+from kokoro_helpers.jsonio import file_sha256, read_json, write_json_atomic
 from kokoro_helpers.paths import resolve
 from kokoro_helpers.report.prices import PriceError, PriceTable, load_prices
 from kokoro_helpers.data.tokens import TokenCounter, get_token_counter
@@ -210,44 +211,35 @@ def _basis(is_estimate: bool) -> str:
 # OpenAI training
 # =================================================================================================
 
-def _train_example_tokens(inputs: CostInputs, counter: TokenCounter | None) -> list[int] | None:
-    """Per-example token counts of data/train.jsonl with the counter stats.json names (None when the
-    file is missing, the counter differs, or the recount disagrees with stats.json)."""
+def _train_example_tokens(inputs: CostInputs) -> list[int] | None:
+    """Per-example token counts of data/train.jsonl as 01_data wrote them (data/example_tokens.json), or None
+    (with a note) when they are missing or no longer describe the file."""
     path = inputs.run_dir / "data" / "train.jsonl"
     if not path.is_file():
         return None
-    counter = counter or get_token_counter()
-    if counter.name != inputs.stats.get("token_counter"):
-        inputs.notes.append(f"per-example cap: stats.json was counted with {inputs.token_counter!r}, this "
-                            f"kernel has {counter.name!r}; billed tokens stay an upper bound")
-        return None
-    tokens = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            tokens.append(counter.count_messages(json.loads(line).get("messages") or []))
-    if sum(tokens) != int(inputs.stats["tokens"]["train"]):
-        inputs.notes.append("per-example cap: train.jsonl no longer matches stats.json (re-run 01_data); "
+    tokens, why = read_example_tokens(path.parent, "train", counter_name=inputs.stats.get("token_counter"),
+                                      sha256=file_sha256(path))
+    if tokens is None or sum(tokens) != int(inputs.stats["tokens"]["train"]):
+        inputs.notes.append(f"per-example cap: {why or 'the counts disagree with stats.json (re-run 01_data)'}; "
                             "billed tokens stay an upper bound")
         return None
     return tokens
 
 
 def training_costs(inputs: CostInputs, n_epochs: Any = "auto", max_example_tokens: int | None = None,
-                   models: Sequence[str] | None = None, counter: TokenCounter | None = None
-                   ) -> dict[str, costs.TrainingEstimate]:
+                   models: Sequence[str] | None = None) -> dict[str, costs.TrainingEstimate]:
     """The training bill for each priced base model (default: every model of the price table):
     epochs × Σ min(limit, example tokens) of the training split of stats.json × the training price.
 
     `n_epochs`: a positive integer or "auto" (OpenAI's heuristic on the number of training
     examples, labelled). `max_example_tokens`: the per-example limit (default: stats.json's). When
-    an example exceeds the limit, train.jsonl is recounted per example (same counter as stats.json)
-    so the cap is exact; otherwise the totals are used and the label says they are an upper bound."""
+    an example exceeds the limit, 01's per-example counts (data/example_tokens.json) make the cap exact; otherwise the totals are used and the label says they are an upper bound."""
     stats = inputs.stats
     limit = int(max_example_tokens) if max_example_tokens else stats.get("max_example_tokens")
     seen = stats.get("max_example_tokens_seen")
     per_example = None
     if limit is not None and (seen is None or int(seen) > int(limit)):
-        per_example = _train_example_tokens(inputs, counter)
+        per_example = _train_example_tokens(inputs)
     table = inputs.prices
     out: dict[str, costs.TrainingEstimate] = {}
     for model in models or table.models:
@@ -1056,7 +1048,7 @@ def build_summary(run_dir: str | Path = "runs/default", prices_file: str | Path 
                   today: date | str | None = None) -> tuple[Path, dict[str, Any]]:
     """Every step of 05_cost at once (what the notebook does cell by cell); returns (path, summary)."""
     inputs = load_inputs(run_dir, prices_file)
-    training = training_costs(inputs, n_epochs, max_example_tokens, counter=counter)
+    training = training_costs(inputs, n_epochs, max_example_tokens)
     base = inputs.prices.resolve_model(base_model)
     workload = measure_workload(inputs, counter=counter)
     inference = inference_costs(inputs, workload, replies)
