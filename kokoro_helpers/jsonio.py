@@ -153,3 +153,10 @@ def write_jsonl(path: str | Path, rows: Iterable[Any]) -> str:
             digest.update(line)
             f.write(line)
     return digest.hexdigest()
+
+
+def content_sha1(obj: Any) -> str:
+    """sha1 hex of an object's canonical JSON (sorted keys, compact, UTF-8): equal content, equal hash —
+    the key of every cache in the package."""
+    blob = json.dumps(obj, ensure_ascii=False, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha1(blob.encode("utf-8")).hexdigest()

@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+DEFAULT_RUN_DIR = "runs/default"
 SAMPLE_DIR = PACKAGE_DIR / "sample_data" / "dialogues"
 
 

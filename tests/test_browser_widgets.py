@@ -44,19 +44,18 @@ ScoringWidget(items, STORE, "browser")"""
 
 CHAT_CELL = f"""\
 import time
-from kokoro_helpers.models.chat_widget import ChatModel, ChatWidget
+from kokoro_helpers.models.base import FunctionChatModel
+from kokoro_helpers.models.chat_widget import ChatWidget
 
-class SlowStream(ChatModel):          # streams like a local model, slowly enough to watch
-    @property
-    def streams(self):
-        return True
+class SlowStream(FunctionChatModel):  # streams like a local model, slowly enough to watch
+    streams = True
 
     def stream(self, messages, **settings):
         for piece in {PIECES!r}:
             time.sleep(0.4)
             yield piece
 
-ChatWidget(models={{"slow": SlowStream("slow", "function")}}, system_prompt="", stream_refresh_s=0.0)"""
+ChatWidget(models={{"slow": SlowStream(lambda messages, **s: "", name="slow")}}, system_prompt="", stream_refresh_s=0.0)"""
 
 
 def _free_port() -> int:

@@ -6,7 +6,8 @@ import pytest
 pytest.importorskip("ipywidgets")
 
 from kokoro_helpers import cards  # noqa: E402
-from kokoro_helpers.models.chat_widget import ChatModel, ChatWidget, available_models  # noqa: E402
+from kokoro_helpers.models.base import FunctionChatModel  # noqa: E402
+from kokoro_helpers.models.chat_widget import ChatWidget, available_models  # noqa: E402
 from kokoro_helpers.display import chat_html  # noqa: E402
 
 SYSTEM = "あなたは心理カウンセラーです。"
@@ -121,7 +122,7 @@ def test_available_models_lists_local_cards_their_base_and_openai_only_with_a_ke
         kind="openai", model_id="ft:gpt-4o-mini:org:x:1", base_model="gpt-4o-mini", training_params={}))
     found = available_models(tmp_path, include_openai=False)
     assert list(found) == ["lora-x (local LoRA)", "embedded:tiny (base of lora-x, adapter off)"]
-    assert found["embedded:tiny (base of lora-x, adapter off)"].adapter == "base"
+    assert found["embedded:tiny (base of lora-x, adapter off)"].base_only
     with_key = available_models(tmp_path, include_openai=True)
     assert "ft:gpt-4o-mini:org:x:1 (OpenAI)" in with_key
     w = ChatWidget(run_dir=tmp_path, model="lora-x", include_openai=False, system_prompt=SYSTEM)
@@ -163,7 +164,7 @@ def test_static_html_for_exported_notebooks(models):
     assert "application/vnd.jupyter.widget-view+json" in bundle
     assert "こんにちは" in bundle["text/html"] and "ChatWidget" in bundle["text/plain"]
     assert chat_html(w.history)                   # the display helper renders the same history
-    assert isinstance(ChatModel("f", "function", fn=models["A"]).reply([{"role": "user", "content": "x"}]), str)
+    assert isinstance(FunctionChatModel(models["A"], name="f").reply([{"role": "user", "content": "x"}]), str)
 
 
 def test_compare_with_base_shares_the_loaded_model(tmp_path):

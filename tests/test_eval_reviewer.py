@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from kokoro_helpers.evaluation import evaluate as ev
+from kokoro_helpers.models.endpoint import EndpointChatModel
 from kokoro_helpers.evaluation import judge as jd
 from kokoro_helpers.evaluation import judge_endpoint as je
 from kokoro_helpers.evaluation import judge_validity as jv
@@ -72,7 +73,7 @@ def test_judge_endpoint_failures_are_counted_per_item_and_retried_later(tmp_path
     items, gens = _items_and_gens()
     server = FlakyJudgeServer()
     client = _sdk_client(server, max_retries=2)
-    scores = jd.judge_scores(gens, items, client, "judge", run_dir=tmp_path, retries=0, progress=False, log=None)
+    scores = jd.judge_scores(gens, items, client, "judge", run_dir=tmp_path, progress=False, log=None)
     assert server.calls["返答0"] == 3                       # 1 + the SDK's 2 retries, then given up
     assert server.calls["返答1"] == 2                       # prose: asked once more, then reported
     by_item = scores.groupby("item_id")["parse_error"].first()
@@ -85,7 +86,7 @@ def test_judge_endpoint_failures_are_counted_per_item_and_retried_later(tmp_path
     # neither the failed request nor the prose was cached: with the server back, only they are asked again
     server.healthy = True
     before = dict(server.calls)
-    scores = jd.judge_scores(gens, items, client, "judge", run_dir=tmp_path, retries=0, progress=False, log=None)
+    scores = jd.judge_scores(gens, items, client, "judge", run_dir=tmp_path, progress=False, log=None)
     asked = {k: server.calls[k] - before.get(k, 0) for k in server.calls if server.calls[k] != before.get(k, 0)}
     assert asked == {"返答0": 1, "返答1": 1}
     assert scores["parse_error"].isna().all() and (scores["score"].notna()).all()
@@ -99,11 +100,11 @@ def test_judge_endpoint_connection_refused_never_crashes(tmp_path):
         raise httpx2.ConnectError("connection refused")
 
     scores = jd.judge_scores(gens, items, _sdk_client(down, max_retries=0), "judge", run_dir=tmp_path,
-                             retries=0, progress=False, log=None)
+                             progress=False, log=None)
     assert scores["score"].isna().all()
     assert scores["parse_error"].str.startswith("request failed: APIConnectionError").all()
     pairs = jd.judge_pairwise(gens + [{**g, "model": "n"} for g in gens], items, _sdk_client(down, max_retries=0),
-                              "judge", retries=0, progress=False, log=None)
+                              "judge", progress=False, log=None)
     assert (pairs["outcome"] == "invalid").all() and pairs["request_error"].notna().all()
 
 
@@ -430,8 +431,8 @@ def test_eval_batch_replies_through_generate_all(tmp_path):
     items, _ = _items_and_gens()
     server = FakeBatchServer(lambda body: "返答:" + body["messages"][-1]["content"], fail_ids={"test:03"})
     client = _sdk_client(server, max_retries=0)
-    r = ev.OpenAIChatResponder(client, "ft:gpt-4o-mini:org:kokoro:abc", batch_run_dir=tmp_path,
-                               batch_poll_seconds=0, progress=False, log=None)
+    r = EndpointChatModel(client, "ft:gpt-4o-mini:org:kokoro:abc", batch_run_dir=tmp_path,
+                          batch_poll_seconds=0, progress=False, log=None)
     with pytest.raises(ev.GenerationError, match="1 of 6 batch request"):
         ev.generate_all(items, [r], tmp_path, log=None)
     gens = ev.generate_all(items, [r], tmp_path, strict=False, log=None)     # the rest is cached

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import sys
 import threading
 import time
 from pathlib import Path
@@ -24,6 +23,10 @@ from kokoro_helpers.evaluation import metrics as mt
 from kokoro_helpers.cards import new_card, save_card
 from kokoro_helpers.data.pipeline import prepare_data
 from kokoro_helpers.data.tokens import estimate_counter
+from kokoro_helpers.models.base import ChatModel
+from kokoro_helpers.models.endpoint import EndpointChatModel
+from kokoro_helpers.models.local import LocalChatModel
+from kokoro_helpers.models.open import models_from_run
 
 
 # ------------------------------------------------------------------------------------------------
@@ -56,8 +59,8 @@ def items(sample_run):
     return ev.build_eval_items(sample_run, max_eval_items=4, seed=42, log=None)
 
 
-class CountingResponder:
-    """A fake model: replies '<name>:<item_id>' and counts how many items it was asked."""
+class CountingResponder(ChatModel):
+    """A fake model: replies '<name>:<item_id>' (its batches are keyed by item id) and counts what it was asked."""
 
     def __init__(self, name="fake", temperature=0.0, fail_after=None, exc=KeyboardInterrupt):
         self.name = name
@@ -71,14 +74,14 @@ class CountingResponder:
     def settings(self):
         return {"kind": "fake", "temperature": self.temperature}
 
-    def respond(self, items, on_result=None):
+    def batch(self, conversations, on_result=None, keys=None, **overrides):
         self.calls += 1
         out = []
-        for i, it in enumerate(items):
+        for i, key in enumerate(keys):
             if self.fail_after is not None and i >= self.fail_after:
                 raise self.exc("stopped")
-            self.asked.append(it["item_id"])
-            text = f"{self.name}:{it['item_id']}"
+            self.asked.append(key)
+            text = f"{self.name}:{key}"
             out.append(text)
             if on_result:
                 on_result(i, text, {"latency_s": 0.0})
@@ -122,10 +125,6 @@ class FakeChatClient:
         finally:
             with self._lock:
                 self.active -= 1
-
-
-def no_sleep(_):
-    return None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -363,13 +362,13 @@ def test_failing_model_does_not_stop_the_others(run_dir, items):
     assert "broken" in frame.attrs["failures"]
 
 
-def test_plain_responder_without_on_result(run_dir, items):
-    class Plain:
+def test_a_model_that_never_calls_on_result_is_cached_too(run_dir, items):
+    class Plain(ChatModel):
         name = "plain"
         settings = {"v": 1}
 
-        def respond(self, items):
-            return ["はい"] * len(items)
+        def batch(self, conversations, on_result=None, keys=None, **overrides):
+            return ["はい"] * len(conversations)
 
     gens = ev.generate_all(items, [Plain()], run_dir, log=None)
     assert (gens["response"] == "はい").all()
@@ -389,31 +388,37 @@ def test_scoring_items_join(run_dir, items):
 
 def test_concurrency_bound_respected(run_dir, items):
     client = FakeChatClient(lambda kw: "はい", delay=0.03)
-    r = ev.OpenAIChatResponder(client, "m", concurrency=3, progress=False, log=None)
-    replies = r.respond(items * 2)
+    r = EndpointChatModel(client, "m", concurrency=3, progress=False, log=None)
+    replies = r.batch([it["context"] for it in items * 2])
     assert replies == ["はい"] * (2 * len(items))
     assert client.max_active == 3                                        # never more, and really concurrent
 
 
-def test_retry_on_transient_error_with_backoff():
-    failures = iter([TimeoutError("slow"), ConnectionError("reset")])
-
-    def reply(kw):
-        return next(failures, None) or "ok"
-
-    slept = []
-    client = FakeChatClient(reply)
-    r = ev.OpenAIChatResponder(client, "m", concurrency=1, retries=3, base_delay=1.0, sleep=slept.append,
-                               progress=False, log=None)
-    assert r.respond(_toy_items()[:1]) == ["ok"]
-    assert len(client.requests) == 3 and len(slept) == 2
-    assert 0.5 <= slept[0] <= 1.0 and 1.0 <= slept[1] <= 2.0           # exponential, with jitter
-    # a non-transient error is not retried
+def test_transient_errors_are_retried_by_the_sdk_and_others_are_not(run_dir, items):
+    import httpx2
     calls = []
-    bad = FakeChatClient(lambda kw: calls.append(1) or ValueError("bad request"))
-    with pytest.raises(ValueError):
-        ev.OpenAIChatResponder(bad, "m", sleep=slept.append, progress=False, log=None).respond(_toy_items()[:1])
-    assert len(calls) == 1
+
+    def flaky(request):
+        calls.append(1)
+        if len(calls) == 1:        # rate limited, told to wait 1 ms (the SDK honours retry-after-ms)
+            return httpx2.Response(429, headers={"retry-after-ms": "1"}, json={"error": {"message": "slow down"}})
+        if len(calls) == 2:
+            return httpx2.Response(503, headers={"retry-after-ms": "1"}, json={"error": {"message": "busy"}})
+        return httpx2.Response(200, json=completion("ok"))
+
+    r = EndpointChatModel(_mock_openai(flaky), "m", concurrency=1, sdk_max_retries=3, progress=False, log=None)
+    assert r.reply([{"role": "user", "content": "x"}]) == "ok" and len(calls) == 3
+    bad_calls = []
+
+    def bad_request(request):
+        bad_calls.append(1)
+        return httpx2.Response(400, json={"error": {"message": "bad request", "type": "invalid_request_error"}})
+
+    import openai
+    with pytest.raises(openai.BadRequestError):
+        EndpointChatModel(_mock_openai(bad_request), "m", sdk_max_retries=3, progress=False, log=None).reply(
+            [{"role": "user", "content": "x"}])
+    assert len(bad_calls) == 1                                           # a 400 is not retried
 
 
 def _mock_openai(handler):
@@ -435,20 +440,19 @@ def test_openai_responder_over_fake_transport(run_dir, items):
             seen.append(body)
             n = len(seen)
         if n == 1:
-            return httpx2.Response(429, json={"error": {"message": "slow down", "type": "rate_limit"}})
+            return httpx2.Response(429, headers={"retry-after-ms": "1"},
+                                   json={"error": {"message": "slow down", "type": "rate_limit"}})
         if n == 2:
-            return httpx2.Response(500, json={"error": {"message": "oops"}})
+            return httpx2.Response(500, headers={"retry-after-ms": "1"}, json={"error": {"message": "oops"}})
         last = body["messages"][-1]["content"]
         return httpx2.Response(200, json=completion(f"返答:{last[:5]}", prompt_tokens=11, completion_tokens=4,
                                                     model=body["model"]))
 
     client = _mock_openai(handler)
-    slept = []
-    r = ev.OpenAIChatResponder(client, "ft:gpt-4o-mini:org:kokoro:abc", max_tokens=64, concurrency=2,
-                               sdk_max_retries=0, sleep=slept.append, progress=False, log=None)
+    r = EndpointChatModel(client, "ft:gpt-4o-mini:org:kokoro:abc", max_tokens=64, concurrency=2,
+                          sdk_max_retries=2, progress=False, log=None)
     gens = ev.generate_all(items, [r], run_dir, log=None)
-    assert len(slept) == 2                                               # the 429 and the 500: our retries
-    assert len(seen) == len(items) + 2
+    assert len(seen) == len(items) + 2                                   # the 429 and the 500, retried by the SDK
     body = seen[-1]
     assert body["model"] == "ft:gpt-4o-mini:org:kokoro:abc" and body["max_tokens"] == 64
     assert body["temperature"] == 0.0 and body["messages"][0]["role"] == "system"
@@ -463,8 +467,8 @@ def test_openai_responder_over_fake_transport(run_dir, items):
         calls.append(1)
         return httpx2.Response(401, json={"error": {"message": "bad key"}})
 
-    r401 = ev.OpenAIChatResponder(_mock_openai(unauthorised), "other", concurrency=1, sdk_max_retries=0,
-                                  sleep=slept.append, progress=False, log=None)
+    r401 = EndpointChatModel(_mock_openai(unauthorised), "other", concurrency=1, sdk_max_retries=2,
+                             progress=False, log=None)
     with pytest.raises(ev.GenerationError, match="AuthenticationError"):
         ev.generate_all(items, [r401], run_dir, log=None)
     assert len(calls) == 1
@@ -490,9 +494,9 @@ def test_models_from_run(run_dir, monkeypatch):
     _cards(run_dir)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     from kokoro_helpers.hosted import openai_ft
-    monkeypatch.setattr(openai_ft, "has_api_key", lambda: False)
+    monkeypatch.setattr(openai_ft, "has_api_key", lambda provider="openai": False)
     log = []
-    rs = ev.models_from_run(run_dir, extra_endpoints=[{"base_url": "http://127.0.0.1:9/v1", "model": "served"}],
+    rs = models_from_run(run_dir, extra_endpoints=[{"base_url": "http://127.0.0.1:9/v1", "model": "served"}],
                             progress=False, log=log.append)
     names = [r.name for r in rs]
     assert sorted(names) == sorted(["lora-a", "lora-b", "tiny-base (base)", "served @ http://127.0.0.1:9/v1"])
@@ -500,43 +504,33 @@ def test_models_from_run(run_dir, monkeypatch):
     assert any("ft:gpt-4o-mini:org:x:1" in line and "OPENAI_API_KEY" in line for line in log)
     lora_a = next(r for r in rs if r.name == "lora-a")
     assert lora_a.settings["weights"].startswith("adapter-sha256:")     # a retrained adapter -> new cache keys
-    with_client = ev.models_from_run(run_dir, include_base=False, client=FakeChatClient(lambda kw: "x"),
-                                     progress=False, log=None)
+    with_client = models_from_run(run_dir, include_base=False, client=FakeChatClient(lambda kw: "x"),
+                                  progress=False, log=None)
     assert sorted(r.name for r in with_client) == ["ft:gpt-4o-mini:org:x:1", "lora-a", "lora-b"]
 
 
-def test_local_responder_batches_and_caches(run_dir, items):
-    batches = []
+def test_local_model_batches_loads_lazily_and_caches(run_dir, items, monkeypatch):
+    batches, loads = [], []
 
-    def fake_generate(model, tokenizer, messages, max_new_tokens, temperature, **kw):
-        batches.append(len(messages))
-        assert messages[0][-1]["role"] == "user" and max_new_tokens == 32
-        return [f"返答{len(m)}" for m in messages]
+    class FakeLocal:
+        def batch_generate(self, conversations, adapter=None, max_new_tokens=None, temperature=None, **kw):
+            batches.append((len(conversations), adapter))
+            assert conversations[0][-1]["role"] == "user" and max_new_tokens == 32
+            return [f"返答{len(m)}" for m in conversations]
 
-    loads = []
-
-    def loader(source, base_only=False):
-        loads.append((source, base_only))
-        return "model", "tokenizer"
-
+    from kokoro_helpers.local import generate as gen
+    monkeypatch.setattr(gen, "get_model", lambda source, run_dir=None, **kw: loads.append(source) or FakeLocal())
     card = new_card("local_lora", "lora-x", "tiny-base", {})
-    r = ev.LocalResponder(card, max_new_tokens=32, batch_size=3, loader=loader, generate_fn=fake_generate,
-                          progress=False)
-    gens = ev.generate_all(items, [r], run_dir, log=None)
-    assert batches == [3, 3, 2] and len(loads) == 1
+    r = LocalChatModel(card, max_new_tokens=32, batch_size=3, progress=False)
+    base = LocalChatModel(card, base_only=True, max_new_tokens=32, batch_size=3, progress=False)
+    gens = ev.generate_all(items, [r, base], run_dir, log=None)
+    assert batches == [(3, None), (3, None), (2, None), (3, "base"), (3, "base"), (2, "base")]
+    assert len(loads) == 2 and base.name == "tiny-base (base)"          # the base: the same weights, adapter off
     assert gens["response"].str.startswith("返答").all()
     assert (gens["batch_size"] > 0).all()
-    again = ev.LocalResponder(card, max_new_tokens=32, batch_size=3, loader=loader, generate_fn=fake_generate,
-                              progress=False)
+    again = LocalChatModel(card, max_new_tokens=32, batch_size=3, progress=False)
     ev.generate_all(items, [again], run_dir, log=None)
-    assert len(loads) == 1 and batches == [3, 3, 2]                      # fully cached: never loaded
-
-
-def test_local_responder_without_generate_module(monkeypatch, items):
-    monkeypatch.setitem(sys.modules, "kokoro_helpers.local.generate", None)
-    r = ev.LocalResponder(new_card("local_lora", "lora-x", "tiny-base", {}), progress=False)
-    with pytest.raises(ev.LocalGenerationUnavailable, match="OpenAI-compatible server"):
-        r.respond(items[:1])
+    assert len(loads) == 2 and len(batches) == 6                         # fully cached: never loaded
 
 
 # ------------------------------------------------------------------------------------------------
@@ -651,7 +645,7 @@ def test_judge_pairwise_both_orders(tmp_path):
     items, gens = _judge_gens()
     fair = FakeChatClient(lambda kw: json.dumps(
         {"winner": "A" if "良い" in _candidates(kw["messages"][-1]["content"])[0] else "B"}))
-    comp = jd.judge_pairwise(gens, items, fair, "judge", run_dir=tmp_path, progress=False, sleep=no_sleep, log=None)
+    comp = jd.judge_pairwise(gens, items, fair, "judge", run_dir=tmp_path, progress=False, log=None)
     assert len(fair.requests) == 2 * len(items)                      # each pair asked in both orders
     assert (comp["outcome"] == "good").all()
     assert all(r["response_format"] == {"type": "json_object"} for r in fair.requests)
@@ -660,12 +654,12 @@ def test_judge_pairwise_both_orders(tmp_path):
     assert summary.loc[0, ["wins_a", "wins_b", "inconsistent"]].tolist() == [len(items), 0, 0]
     # a judge that always prefers the first position wins nobody anything
     biased = FakeChatClient(lambda kw: '{"winner": "A"}')
-    comp = jd.judge_pairwise(gens, items, biased, "judge-biased", progress=False, sleep=no_sleep, log=None)
+    comp = jd.judge_pairwise(gens, items, biased, "judge-biased", progress=False, log=None)
     s = jd.summarize_pairwise(comp).iloc[0]
     assert (s["wins_a"], s["wins_b"], s["inconsistent"]) == (0, 0, len(items))
     # answers are cached: the fair judge is not asked again
     again = FakeChatClient(lambda kw: pytest.fail("asked again"))
-    jd.judge_pairwise(gens, items, again, "judge", run_dir=tmp_path, progress=False, sleep=no_sleep, log=None)
+    jd.judge_pairwise(gens, items, again, "judge", run_dir=tmp_path, progress=False, log=None)
 
 
 def test_judge_rubric_scores(tmp_path):
@@ -678,7 +672,7 @@ def test_judge_rubric_scores(tmp_path):
         return '{"scores": {"accuracy": 5, "relevance": 4, "expertise": 4}, "reason": "共感的"}'
 
     client = FakeChatClient(answer)
-    scores = jd.judge_scores(gens, items, client, "judge", run_dir=tmp_path, progress=False, sleep=no_sleep, log=None)
+    scores = jd.judge_scores(gens, items, client, "judge", run_dir=tmp_path, progress=False, log=None)
     assert len(scores) == len(gens) * 3
     table = jd.summarize_judge_scores(scores)
     assert table.loc["good", "accuracy"] == 5 and table.loc["bad", "expertise"] == 0

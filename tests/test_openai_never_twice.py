@@ -17,6 +17,7 @@ from kokoro_helpers import cards
 from kokoro_helpers.hosted import openai_ft
 from kokoro_helpers.report import index as report
 from kokoro_helpers.hosted.jobs import RunLock
+from kokoro_helpers.models.open import models_from_run
 from kokoro_helpers.data.tokens import estimate_counter
 
 from fake_openai import AZURE_API_VERSION, AZURE_ENDPOINT, FakeOpenAI
@@ -378,16 +379,15 @@ def test_amounts_keep_enough_digits():
 
 
 def test_03_uses_an_azure_card_through_its_deployment(tmp_path, azure_env):
-    from kokoro_helpers.evaluation import evaluate
     card = cards.new_card("openai", "gpt-4o-mini-2024-07-18.ft-0001", "gpt-4o-mini-2024-07-18", {},
                           provider="azure", azure_deployment=None, job_id="ftjob-1", status="succeeded")
     path = cards.save_card(cards.card_path(tmp_path, "openai-kokoro-chat-ftjob-1"), card)
     notes: list[str] = []
     fake = FakeOpenAI(azure=True)
-    assert evaluate.models_from_run(tmp_path, client=fake.client(), log=notes.append) == []
+    assert models_from_run(tmp_path, client=fake.client(), log=notes.append) == []
     assert any("azure_deployment" in n for n in notes)
     cards.update_card(path, azure_deployment="kokoro-ft")
-    (responder,) = evaluate.models_from_run(tmp_path, client=fake.client(), log=notes.append)
+    (responder,) = models_from_run(tmp_path, client=fake.client(), log=notes.append)
     assert responder.name == card["model_id"] and responder.model == "kokoro-ft"
 
 

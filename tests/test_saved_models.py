@@ -13,6 +13,7 @@ import httpx2
 import openai
 import pytest
 
+from kokoro_helpers.models import open as open_mod
 from kokoro_helpers.models import saved_models
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,9 +90,9 @@ def test_list_is_newest_first_over_both_kinds_and_skips_corrupt_cards(tmp_path, 
 def test_use_latest_skips_cards_without_a_model(tmp_path):
     write_card(tmp_path, "seed-model", SEED_CARD)
     write_card(tmp_path, "pending", PENDING_CARD)
-    path, card = saved_models.load_model(tmp_path, latest=True)
+    path, card = saved_models.choose_card(tmp_path, latest=True)
     assert card["model_id"] == SEED_ID and path.name == "seed-model.json"
-    path, card = saved_models.load_model(tmp_path, model_id="seed-model")      # by card file name too
+    path, card = saved_models.choose_card(tmp_path, model_id="seed-model")      # by card file name too
     assert card["model_id"] == SEED_ID
 
 
@@ -133,12 +134,20 @@ def test_unknown_id_in_a_fresh_process(tmp_path):
     assert res.stderr.strip().splitlines() == [res.stderr.strip()] and "unknown model id" in res.stderr
 
 
-def test_local_lora_card_without_the_local_module_says_where_local_models_are_served(tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "kokoro_helpers.local.generate", None)   # as if the module did not exist
+def test_a_local_lora_card_answers_through_the_same_interface(tmp_path, capsys, monkeypatch):
+    torch = pytest.importorskip("torch")
+    from kokoro_helpers.local import generate as gen
+    from kokoro_helpers.models.open import open_model
+
+    gen.init_adapter(tmp_path / "models" / "lora-tiny", seed=3)
     write_card(tmp_path, "lora-tiny", LORA_CARD)
-    assert saved_models.main(["--model-id", "lora-tiny", "--input", "x", "--run-dir", str(tmp_path)]) == 1
-    line = one_error_line(capsys)
-    assert "kokoro_helpers.local.serve" in line and "04" in line
+    monkeypatch.setattr(open_mod, "hosted_client", lambda *a, **k: pytest.fail("a local card asked for an API client"))
+    torch.manual_seed(0)
+    assert saved_models.main(["--model-id", "lora-tiny", "--input", "眠れません", "--max-tokens", "8",
+                              "--temperature", "0", "--run-dir", str(tmp_path)]) == 0
+    reply = capsys.readouterr().out.strip()
+    expected = open_model("lora-tiny", tmp_path, max_new_tokens=8).reply([{"role": "user", "content": "眠れません"}])
+    assert reply == expected.strip()
 
 
 def _fake_chat_client(seen: list):
@@ -156,7 +165,7 @@ def _fake_chat_client(seen: list):
 def test_input_and_interactive_use_the_model_with_history(tmp_path, capsys, monkeypatch):
     write_card(tmp_path, "seed-model", SEED_CARD)
     seen: list = []
-    monkeypatch.setattr(saved_models, "_client_for", lambda card: _fake_chat_client(seen))
+    monkeypatch.setattr(open_mod, "hosted_client", lambda *a, **k: _fake_chat_client(seen))
     assert saved_models.main(["--use-latest", "--input", "こんにちは", "--run-dir", str(tmp_path),
                               "--system", "あなたはカウンセラーです。", "--max-tokens", "64", "--temperature", "0.2"]) == 0
     assert capsys.readouterr().out.strip() == "返答1"
@@ -182,7 +191,7 @@ def test_an_azure_card_is_used_through_its_deployment(tmp_path, capsys, monkeypa
     line = one_error_line(capsys)
     assert "deployment" in line and "--deployment" in line
     seen: list = []
-    monkeypatch.setattr(saved_models, "_client_for", lambda card: _fake_chat_client(seen))
+    monkeypatch.setattr(open_mod, "hosted_client", lambda *a, **k: _fake_chat_client(seen))
     assert saved_models.main(["--use-latest", "--input", "こんにちは", "--deployment", "kokoro-ft",
                               "--run-dir", str(tmp_path)]) == 0
     assert seen[-1]["model"] == "kokoro-ft"
@@ -200,7 +209,7 @@ def test_a_wrong_key_is_one_line_naming_the_key_and_never_showing_it(tmp_path, c
 
     client = openai.OpenAI(api_key=secret, base_url="https://fake-openai.test/v1", max_retries=0,
                            http_client=httpx2.Client(transport=httpx2.MockTransport(handler)))
-    monkeypatch.setattr(saved_models, "_client_for", lambda card: client)
+    monkeypatch.setattr(open_mod, "hosted_client", lambda *a, **k: client)
     monkeypatch.setenv("OPENAI_API_KEY", secret)
     assert saved_models.main(["--use-latest", "--input", "x", "--run-dir", str(tmp_path)]) == 1
     captured = capsys.readouterr()

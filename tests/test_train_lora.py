@@ -18,6 +18,7 @@ import pytest
 from kokoro_helpers import cards
 from kokoro_helpers.data.pipeline import prepare_data
 from kokoro_helpers.local.lora_data import ChatTemplateError
+from kokoro_helpers.models.open import models_from_run
 from kokoro_helpers.local.train_lora import SKIPPED_EXIT, LoraRun, LoraTrainConfig, main, make_plan, train_lora
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -397,13 +398,13 @@ def test_the_random_real_architecture_folder_is_evaluated_by_03_from_its_card(qw
     logs: list[str] = []
     items = ev.build_eval_items(run_dir, splits=("valid",), max_eval_items=2, log=logs.append)
     assert len(items) == 2
-    responders = ev.models_from_run(run_dir, max_tokens=4, local_batch_size=2, progress=False, log=logs.append)
+    responders = models_from_run(run_dir, max_tokens=4, local_batch_size=2, progress=False, log=logs.append)
     assert [r.name for r in responders] == ["qwen2-rand", f"{base} (base)"]
     assert responders[1].settings["weights"] == f"base:{base_fingerprint(str(base))}"
     first = ev.generate_all(items, responders, run_dir, log=logs.append)
     assert len(first) == 4 and set(first["model"]) == {r.name for r in responders}
     assert first["response"].map(lambda t: isinstance(t, str)).all() and not first["cached"].any()
-    again = ev.generate_all(items, ev.models_from_run(run_dir, max_tokens=4, progress=False, log=logs.append),
+    again = ev.generate_all(items, models_from_run(run_dir, max_tokens=4, progress=False, log=logs.append),
                             run_dir, log=logs.append)
     assert again["cached"].all() and list(again["response"]) == list(first["response"])
 

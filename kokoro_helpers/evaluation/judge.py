@@ -10,15 +10,17 @@ from __future__ import annotations
 import itertools
 import json
 import re
-import time
 import unicodedata
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 
 from kokoro_helpers.cards import now_iso
-from kokoro_helpers.evaluation.evaluate import (EvalError, Item, JsonlCache, Log, OpenAIChatResponder, _completion_text, _generation_rows,
-                       _say, _sha1, eval_dir, run_concurrently)
+from kokoro_helpers.concurrency import run_concurrently
+from kokoro_helpers.evaluation.evaluate import EvalError, Item, JsonlCache, eval_dir, generation_rows
+from kokoro_helpers.jsonio import content_sha1
+from kokoro_helpers.models.endpoint import EndpointChatModel
+from kokoro_helpers.notes import Log, say
 from kokoro_helpers.data.schema import SPEAKER_LABEL_JA
 
 # =================================================================================================
@@ -159,21 +161,21 @@ def parse_verdict(text: str) -> str | None:
     return None
 
 
-class _Judge:
-    """One judge model behind a client: cached, concurrent, retried calls returning the raw text."""
+class Judge:
+    """One judge model behind a client: cached, concurrent calls (retried by the SDK: `retries`, default the
+    client's own `max_retries`) returning the raw text."""
 
     def __init__(self, client: Any, judge_model: str, run_dir: str | Path | None, concurrency: int,
-                 max_tokens: int, temperature: float, json_mode: bool, retries: int,
-                 sleep: Callable[[float], None], progress: bool, log: Log, system: str | None = None,
-                 batch: Any = None):
+                 max_tokens: int, temperature: float, json_mode: bool, retries: int | None,
+                 progress: bool, log: Log, system: str | None = None, batch: Any = None):
         if client is None:
             raise EvalError("the LLM judge needs a client: set OPENAI_API_KEY (see default_client()) "
                             "or pass client=; without one skip the judge")
         if not judge_model:
             raise EvalError("judge_model is empty: name the judge model (e.g. 'gpt-4o-2024-08-06')")
-        self.responder = OpenAIChatResponder(client, judge_model, max_tokens=max_tokens, temperature=temperature,
-                                             concurrency=concurrency, retries=retries, sleep=sleep,
-                                             progress=progress, log=log)
+        self.responder = EndpointChatModel(client, judge_model, max_tokens=max_tokens, temperature=temperature,
+                                           concurrency=concurrency, sdk_max_retries=retries, progress=progress,
+                                           log=log)
         self.json_mode = json_mode
         self.judge_model = judge_model
         self.cache = (JsonlCache(eval_dir(run_dir) / "judge" / "cache.jsonl", ("judge_model", "prompt_sha"))
@@ -189,27 +191,24 @@ class _Judge:
         "" and the reason is in `self.errors[index]`; it is not cached, so a re-run asks again."""
         self.errors = {}
         have = self.cache.load() if self.cache is not None else {}
-        shas = [_sha1([self.responder.settings, self.json_mode, self.system, p]) for p in prompts]
+        shas = [content_sha1([self.responder.settings, self.json_mode, self.system, p]) for p in prompts]
         answers: list[str | None] = [have.get((self.judge_model, s), {}).get("answer") for s in shas]
         todo = [i for i, a in enumerate(answers) if a is None]
-        _say(self.log, f"judge {self.judge_model} ({desc}): {len(prompts) - len(todo)} cached, {len(todo)} to ask")
-        client = self.responder._client()
+        say(self.log, f"judge {self.judge_model} ({desc}): {len(prompts) - len(todo)} cached, {len(todo)} to ask")
+        extra = {"response_format": {"type": "json_object"}} if self.json_mode else {}
+
+        def messages(i: int) -> list[dict[str, str]]:
+            return [{"role": "system", "content": self.system}, {"role": "user", "content": prompts[i]}]
 
         def body(i: int) -> dict[str, Any]:
-            kwargs = self.responder.request([{"role": "system", "content": self.system},
-                                             {"role": "user", "content": prompts[i]}])
-            if self.json_mode:
-                kwargs["response_format"] = {"type": "json_object"}
-            return kwargs
+            return {**self.responder.request(messages(i)), **extra}
 
         if self.batch is not None and todo:
             return self._ask_batch(todo, shas, answers, body)
 
         def one(i: int) -> str:
-            kwargs = body(i)
             try:
-                resp = self.responder.retry.call(lambda: client.chat.completions.create(**kwargs))
-                return _completion_text(resp)
+                return self.responder.complete(messages(i), extra=extra)[0]
             except Exception as exc:  # noqa: BLE001 - one failed request is reported per item, never a crash
                 return _RequestFailed(f"{type(exc).__name__}: {str(exc)[:300]}")
 
@@ -227,14 +226,14 @@ class _Judge:
                          desc=f"judge {desc}")
         prose = [i for i in todo if i not in self.errors and extract_json(answers[i] or "") is None]
         if prose:                 # an answer without JSON: asked once more now (and again on a re-run)
-            _say(self.log, f"judge {self.judge_model} ({desc}): {len(prose)} answer(s) without JSON; asking once more")
+            say(self.log, f"judge {self.judge_model} ({desc}): {len(prose)} answer(s) without JSON; asking once more")
             first_round, todo = todo, prose
             run_concurrently(one, prose, self.responder.concurrency, store, self.responder.progress,
                              desc=f"judge {desc} (again)")
             todo = first_round
         if self.errors:
             first = next(iter(self.errors.values()))
-            _say(self.log, f"judge {self.judge_model} ({desc}): {len(self.errors)} of {len(todo)} request(s) "
+            say(self.log, f"judge {self.judge_model} ({desc}): {len(self.errors)} of {len(todo)} request(s) "
                            f"FAILED after retries (first: {first}); they are reported per item and asked "
                            f"again on the next run")
         return [a or "" for a in answers]
@@ -269,7 +268,7 @@ class _Judge:
             keep(exc.partial)                  # what the batch did return is kept (cached) first
             raise
         if self.errors:
-            _say(self.log, f"judge {self.judge_model} (batch): {len(self.errors)} of {len(todo)} request(s) failed; "
+            say(self.log, f"judge {self.judge_model} (batch): {len(self.errors)} of {len(todo)} request(s) failed; "
                            f"reported per item, asked again on the next run")
         return [a or "" for a in answers]
 
@@ -286,30 +285,30 @@ class _RequestFailed(str):
 def _judge_inputs(generations: Any, items: Sequence[Item]) -> tuple[dict[str, Item], dict[tuple[str, str], str]]:
     by_id = {it["item_id"]: it for it in items}
     replies = {(r["model"], r["item_id"]): (r["response"] if isinstance(r.get("response"), str) else "")
-               for r in _generation_rows(generations) if r.get("item_id") in by_id}
+               for r in generation_rows(generations) if r.get("item_id") in by_id}
     return by_id, replies
 
 
 def judge_scores(generations: Any, items: Sequence[Item], client: Any, judge_model: str, *,
                  criteria: str | Sequence[str] | Mapping[str, str] | None = None, run_dir: str | Path | None = None,
                  show_reference: bool = False, concurrency: int = 4, max_tokens: int = 400,
-                 temperature: float = 0.0, json_mode: bool = True, retries: int = 0,
-                 sleep: Callable[[float], None] = time.sleep, progress: bool = True, log: Log = print,
+                 temperature: float = 0.0, json_mode: bool = True, retries: int | None = None,
+                 progress: bool = True, log: Log = print,
                  batch: Any = None):
     """Rubric scores (0..5 per criterion) from an LLM judge for every (model, item) reply.
 
     The judge sees the dialogue and one reply, never the model's name. Answers are parsed
     robustly (`parse_rubric`); unparseable or out-of-range scores are NaN with the reason in
-    `parse_error`, never guessed. Transient errors are retried by the SDK (the client's
-    `max_retries`); `retries` adds our own backoff on top (default none). A request that still
+    `parse_error`, never guessed. Transient errors are retried by the SDK (`retries`,
+    default the client's `max_retries`). A request that still
     fails is reported per item (`parse_error` "request failed: ...") and never stops the run. With `run_dir` the answers are cached in
     run_dir/eval/judge/cache.jsonl, so a re-run pays nothing. Returns a long DataFrame
     (item_id, split, model, criterion, score, parse_error); summarise with
     `summarize_judge_scores`."""
     import pandas as pd
     crit = judge_criteria(criteria)
-    judge = _Judge(client, judge_model, run_dir, concurrency, max_tokens, temperature, json_mode, retries,
-                   sleep, progress, log, batch=batch)
+    judge = Judge(client, judge_model, run_dir, concurrency, max_tokens, temperature, json_mode, retries,
+                  progress, log, batch=batch)
     by_id, replies = _judge_inputs(generations, items)
     keys = list(replies)
     prompts = [rubric_prompt(by_id[i], replies[(m, i)], crit, show_reference) for m, i in keys]
@@ -352,8 +351,8 @@ def judge_pairwise(generations: Any, items: Sequence[Item], client: Any, judge_m
                    pairs: Sequence[tuple[str, str]] | None = None,
                    criteria: str | Sequence[str] | Mapping[str, str] | None = None,
                    run_dir: str | Path | None = None, concurrency: int = 4, max_tokens: int = 300,
-                   temperature: float = 0.0, json_mode: bool = True, retries: int = 0,
-                   sleep: Callable[[float], None] = time.sleep, progress: bool = True, log: Log = print,
+                   temperature: float = 0.0, json_mode: bool = True, retries: int | None = None,
+                   progress: bool = True, log: Log = print,
                    batch: Any = None):
     """Pairwise comparisons by an LLM judge, each asked twice with the replies in both orders.
 
@@ -363,8 +362,8 @@ def judge_pairwise(generations: Any, items: Sequence[Item], client: Any, judge_m
     model, "tie", "inconsistent" or "invalid"). Summarise with `summarize_pairwise`."""
     import pandas as pd
     crit = judge_criteria(criteria)
-    judge = _Judge(client, judge_model, run_dir, concurrency, max_tokens, temperature, json_mode, retries,
-                   sleep, progress, log, batch=batch)
+    judge = Judge(client, judge_model, run_dir, concurrency, max_tokens, temperature, json_mode, retries,
+                  progress, log, batch=batch)
     by_id, replies = _judge_inputs(generations, items)
     models = list(dict.fromkeys(m for m, _ in replies))
     pairs = list(pairs) if pairs is not None else list(itertools.combinations(models, 2))

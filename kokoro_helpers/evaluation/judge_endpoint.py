@@ -75,10 +75,11 @@ def resolve_judge(judge: Any = None, judge_model: str | None = None, *, max_retr
             log(f"LLM judge {model} skipped: OpenAI calls are off ({openai_ft.FORCE_DRY_RUN_ENV}=1: tests never spend money)")
         return None
     if base_url:
-        from kokoro_helpers.evaluation.evaluate import EvalError, endpoint_client
+        from kokoro_helpers.models.base import ModelError
+        from kokoro_helpers.models.endpoint import endpoint_client
         try:
             client = endpoint_client(str(base_url), judge.get("api_key_env"), max_retries=max_retries, timeout=timeout)
-        except EvalError as exc:
+        except ModelError as exc:
             if log:
                 log(f"LLM judge skipped: {exc}")
             return None

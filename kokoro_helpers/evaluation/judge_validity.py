@@ -148,26 +148,23 @@ def tracks_sentence(table: Any, judge_label: str, is_fake: bool) -> str:
 
 def judge_validity(sessions: Sequence[Session], spec: Any, *, run_dir: str | Path | None = None,
                    split: str = "test", max_sessions: int | None = None, seed: int = 42,
-                   concurrency: int = 4, max_tokens: int = 1200, retries: int = 2, sleep=None,
+                   concurrency: int = 4, max_tokens: int = 1200, retries: int | None = 2,
                    progress: bool = True, log=print, batch: Any = None) -> ValidityResult:
     """Have the judge (`judge_endpoint.JudgeSpec`) rate the `split` sessions and correlate its ratings
     with the clients'. Answers are cached like every judge answer (run_dir/eval/judge/cache.jsonl);
     a failed request or an unreadable answer is counted and that session left out of the
     correlations of the targets it lacks. Fewer than MIN_SESSIONS usable sessions: the table's
     correlations are NaN and the sentence says so."""
-    import time
-
     import pandas as pd
-    from kokoro_helpers.evaluation.judge import _Judge
-    sleep = sleep or time.sleep
+    from kokoro_helpers.evaluation.judge import Judge
 
     chosen = draw_sessions(sessions, split, max_sessions, seed)
     notes = []
     if len(chosen) < MIN_SESSIONS:
         notes.append(f"only {len(chosen)} {split} session(s) (need {MIN_SESSIONS} for a correlation): use a "
                      f"larger dataset_source / max_samples, or a larger split")
-    judge = _Judge(spec.client, spec.model, run_dir, concurrency, max_tokens, 0.0, True, retries,
-                   sleep, progress, log, system=SESSION_SYSTEM, batch=batch)
+    judge = Judge(spec.client, spec.model, run_dir, concurrency, max_tokens, 0.0, True, retries,
+                  progress, log, system=SESSION_SYSTEM, batch=batch)
     answers = judge.ask([session_rubric_prompt(s.text) for s in chosen], "sessions") if chosen else []
     rows = []
     for k, (s, answer) in enumerate(zip(chosen, answers)):

@@ -17,7 +17,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from kokoro_helpers.progress import tqdm
 
-from kokoro_helpers.evaluation.evaluate import EvalError, Item, _chars, _generation_rows, eval_dir
+from kokoro_helpers.evaluation.evaluate import EvalError, Item, eval_dir, generation_rows, text_chars
 
 # =================================================================================================
 # 3. Automatic metrics (character level)
@@ -41,7 +41,7 @@ def lcs_length(a: Sequence[Any], b: Sequence[Any]) -> int:
 def rouge_l(hypothesis: str, reference: str) -> dict[str, float]:
     """ROUGE-L over characters (whitespace removed): P = LCS/len(hyp), R = LCS/len(ref),
     F = 2PR/(P+R) (the F1 that rouge-score reports). Empty strings score 0."""
-    h, r = _chars(hypothesis), _chars(reference)
+    h, r = text_chars(hypothesis), text_chars(reference)
     lcs = lcs_length(h, r)
     if lcs == 0:
         return {"precision": 0.0, "recall": 0.0, "f": 0.0}
@@ -55,7 +55,7 @@ def distinct_n(texts: Iterable[str], n: int) -> float:
     total = 0
     unique: set[str] = set()
     for text in texts:
-        s = _chars(text)
+        s = text_chars(text)
         grams = [s[i:i + n] for i in range(len(s) - n + 1)]
         total += len(grams)
         unique.update(grams)
@@ -107,11 +107,11 @@ def _metric_row(hyps: list[str], refs: list[str]) -> dict[str, Any]:
         "chrF": chrf(hyps, refs),
         "BLEU_char": bleu_char(hyps, refs),
         "ROUGE_L_char": sum(rouge_l(h, r)["f"] for h, r in zip(hyps, refs)) / len(hyps),
-        "length_chars": sum(len(_chars(h)) for h in hyps) / len(hyps),
-        "ref_length_chars": sum(len(_chars(r)) for r in refs) / len(refs),
+        "length_chars": sum(len(text_chars(h)) for h in hyps) / len(hyps),
+        "ref_length_chars": sum(len(text_chars(r)) for r in refs) / len(refs),
         "distinct_1": distinct_n(hyps, 1),
         "distinct_2": distinct_n(hyps, 2),
-        "empty_replies": sum(1 for h in hyps if not _chars(h)),
+        "empty_replies": sum(1 for h in hyps if not text_chars(h)),
     }
 
 
@@ -144,7 +144,7 @@ def compute_metrics(generations: Any, items: Sequence[Item], *, perplexity: Mapp
         raise ValueError(f"by must be None or 'split', got {by!r}")
     by_id = {it["item_id"]: it for it in items}
     groups: dict[tuple, tuple[list[str], list[str], list[str]]] = {}
-    for row in _generation_rows(generations):
+    for row in generation_rows(generations):
         it = by_id.get(row.get("item_id"))
         if it is None:
             continue
@@ -172,10 +172,10 @@ def compute_metrics(generations: Any, items: Sequence[Item], *, perplexity: Mapp
             refs = [it["reference"] for it in items if split is None or it["split"] == split]
             rec = {"model": "(reference)", **({"split": split} if by == "split" else {}),
                    "n_items": len(refs), "chrF": float("nan"), "BLEU_char": float("nan"),
-                   "ROUGE_L_char": float("nan"), "length_chars": sum(len(_chars(r)) for r in refs) / len(refs),
-                   "ref_length_chars": sum(len(_chars(r)) for r in refs) / len(refs),
+                   "ROUGE_L_char": float("nan"), "length_chars": sum(len(text_chars(r)) for r in refs) / len(refs),
+                   "ref_length_chars": sum(len(text_chars(r)) for r in refs) / len(refs),
                    "distinct_1": distinct_n(refs, 1), "distinct_2": distinct_n(refs, 2),
-                   "empty_replies": sum(1 for r in refs if not _chars(r))}
+                   "empty_replies": sum(1 for r in refs if not text_chars(r))}
             records.append(rec)
     frame = pd.DataFrame(records)
     frame = frame.set_index(["model", "split"] if by == "split" else "model")
@@ -234,13 +234,17 @@ def _forward_kept_logits(model: Any, ids: Any, mask: Any, keep: int) -> Any:
     return logits[:, -keep:] if logits.shape[1] != keep else logits
 
 
-def reference_perplexities(responders: Iterable[Any], items: Sequence[Item], **kwargs: Any) -> dict[str, dict[str, Any]]:
-    """{name: perplexity_of_references(...)} for every local responder (each loaded if needed);
-    hosted models give no token probabilities for a given reply and are left out."""
-    from kokoro_helpers.evaluation.evaluate import LocalResponder
-
-    return {r.name: perplexity_of_references(*r.load(), items, desc=f"perplexity {r.name}", **kwargs)
-            for r in responders if isinstance(r, LocalResponder)}
+def reference_perplexities(models: Iterable[Any], items: Sequence[Item], **kwargs: Any) -> dict[str, dict[str, Any]]:
+    """{name: perplexity_of_references(...)} for every model whose weights are on this machine (each loaded
+    if needed); models behind an API give no token probabilities for a given reply and are left out."""
+    out = {}
+    for m in models:
+        weights = m.weights() if hasattr(m, "weights") else None
+        if weights is None:
+            continue
+        with weights as (model, tokenizer):
+            out[m.name] = perplexity_of_references(model, tokenizer, items, desc=f"perplexity {m.name}", **kwargs)
+    return out
 
 
 def _split_ids(tokenizer: Any, prompt: str, reference: str) -> tuple[list[int], list[int]]:

@@ -39,13 +39,13 @@ def per_item_metrics(generations: Any, items: Sequence[Mapping[str, Any]], *,
     import pandas as pd
     from sacrebleu.metrics import BLEU, CHRF
 
-    from kokoro_helpers.evaluation.evaluate import _generation_rows
+    from kokoro_helpers.evaluation.evaluate import generation_rows
     from kokoro_helpers.evaluation.metrics import rouge_l
 
     chrf, bleu = CHRF(), BLEU(tokenize="char", effective_order=True)
     by_id = {it["item_id"]: it for it in items}
     rows = []
-    for g in _generation_rows(generations):
+    for g in generation_rows(generations):
         it = by_id.get(g.get("item_id"))
         if it is None:
             continue

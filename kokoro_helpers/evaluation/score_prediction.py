@@ -204,11 +204,11 @@ def rate_generations(predictor: ScorePredictor, generations: Any, items: Sequenc
     with the model's reply as the next counselor line. Mean, sd and n per model — an indicator
     from a text regressor, not a client's rating."""
     import pandas as pd
-    from kokoro_helpers.evaluation.evaluate import _generation_rows
+    from kokoro_helpers.evaluation.evaluate import generation_rows
     from kokoro_helpers.evaluation.sessions import messages_to_lines, session_text
     by_id = {it["item_id"]: it for it in items}
     rows, texts = [], []
-    for g in _generation_rows(generations):
+    for g in generation_rows(generations):
         it = by_id.get(g.get("item_id"))
         if it is None:
             continue

@@ -9,9 +9,9 @@
 - The conversation is shown as a chat (相談者 on the left, カウンセラー on the right, via
   :func:`kokoro_helpers.display.chat_html`); the model sees the system prompt, the last
   ``history_turns`` exchanges (the seed kept 3) and the new message.
-- Local models stream their tokens into the chat as they are generated; OpenAI models answer
-  in one piece (through :func:`kokoro_helpers.hosted.openai_ft.chat`, which reads the key from the
-  environment or ``.env``).
+- Every model is a :class:`kokoro_helpers.models.base.ChatModel` (chosen by
+  :func:`kokoro_helpers.models.open.open_model`): local models and endpoints stream their reply into the
+  chat as it is generated; OpenAI's key is read from the environment or ``.env``.
 - The model picker lists the run's ``local_lora`` cards (and each adapter's base, adapter off,
   as a baseline), plus its OpenAI fine-tuned models when ``OPENAI_API_KEY`` is set.
 - Side by side: two pickers; each model keeps its own conversation. Switching a picker to
@@ -25,67 +25,22 @@ from __future__ import annotations
 
 import html
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from kokoro_helpers import widget_view
 from kokoro_helpers.display import chat_html
-from kokoro_helpers.local.generate import BASE_ADAPTER, DEFAULT_RUN_DIR
+from kokoro_helpers.models.base import ChatModel
+from kokoro_helpers.models.local import BASE as BASE_ADAPTER
+from kokoro_helpers.models.local import LocalChatModel
+from kokoro_helpers.models.open import open_model
+from kokoro_helpers.paths import DEFAULT_RUN_DIR
 
 LANES = ("a", "b")
 RUN_TO_CHAT = ("このセルを実行するとチャットできます", "run this cell to chat")
 
 
 # =============================================================================== models
-
-@dataclass
-class ChatModel:
-    """Something that answers a conversation: a local adapter (streams), its base, an OpenAI model,
-    or any function ``fn(messages, max_new_tokens=..., temperature=..., top_p=..., seed=...) -> str``."""
-
-    label: str
-    kind: str                                   # "local" | "openai" | "function"
-    source: Any = None                          # local: card path / folder; openai: the card
-    adapter: str | None = None                  # local: None = the adapter, "base" = adapter off
-    fn: Callable[..., str] | None = None
-    run_dir: str | Path = DEFAULT_RUN_DIR
-    _lm: Any = field(default=None, repr=False)
-
-    @property
-    def streams(self) -> bool:
-        return self.kind == "local"
-
-    def local_model(self):
-        """The loaded LocalModel (loaded on first use, shared through generate.get_model)."""
-        if self._lm is None:
-            from kokoro_helpers.local.generate import get_model
-            self._lm = get_model(self.source, self.run_dir)
-        return self._lm
-
-    def _adapter_name(self, lm) -> str | None:
-        if self.adapter == BASE_ADAPTER:
-            return BASE_ADAPTER
-        return next(iter(lm.adapters), BASE_ADAPTER) if self.adapter is None else self.adapter
-
-    def reply(self, messages: Sequence[Mapping[str, str]], **settings: Any) -> str:
-        if self.kind == "function":
-            return str(self.fn(list(messages), **settings))
-        if self.kind == "openai":
-            from kokoro_helpers.hosted.openai_ft import chat
-            return chat(self.source, messages, max_tokens=settings["max_new_tokens"],
-                        temperature=settings["temperature"])
-        lm = self.local_model()
-        return lm.generate(messages, adapter=self._adapter_name(lm), **settings)
-
-    def stream(self, messages: Sequence[Mapping[str, str]], **settings: Any) -> Iterator[str]:
-        """Text pieces as they are generated (local models); others yield their reply at once."""
-        if self.kind != "local":
-            yield self.reply(messages, **settings)
-            return
-        lm = self.local_model()
-        yield from lm.stream(messages, adapter=self._adapter_name(lm), **settings)
-
 
 def available_models(run_dir: str | Path = DEFAULT_RUN_DIR, include_openai: bool | None = None,
                      include_base: bool = True) -> dict[str, ChatModel]:
@@ -102,31 +57,22 @@ def available_models(run_dir: str | Path = DEFAULT_RUN_DIR, include_openai: bool
     for path, card in cards.list_cards(run_dir):
         kind = card.get("kind")
         if kind == "local_lora" and card.get("model_id"):
-            models[f"{card['model_id']} (local LoRA)"] = ChatModel(f"{card['model_id']} (local LoRA)", "local", path,
-                                                                    run_dir=run_dir)
+            models[f"{card['model_id']} (local LoRA)"] = open_model(path, run_dir, log=None)
             base = str(card.get("base_model") or "base")
             label = f"{base} (base of {card['model_id']}, adapter off)"
             if include_base and not any(b.startswith(f"{base} (base of") for b in bases):
-                bases[label] = ChatModel(label, "local", path, adapter=BASE_ADAPTER, run_dir=run_dir)
+                bases[label] = open_model(path, run_dir, base_only=True, log=None)
         elif kind == "openai" and include_openai and card.get("model_id"):
-            models[f"{card['model_id']} (OpenAI)"] = ChatModel(f"{card['model_id']} (OpenAI)", "openai", card,
-                                                               run_dir=run_dir)
+            try:
+                models[f"{card['model_id']} (OpenAI)"] = open_model(path, run_dir, log=None)
+            except Exception:  # noqa: BLE001 - e.g. an Azure fine-tune not deployed yet: not offered
+                continue
     models.update(bases)
     return models
 
 
-def _as_chat_model(value: Any, label: str | None = None, run_dir: str | Path = DEFAULT_RUN_DIR) -> ChatModel:
-    """A ChatModel from a ChatModel, a function, a LocalModel, or a local source (card name, folder)."""
-    from kokoro_helpers.local.generate import LocalModel
-
-    if isinstance(value, ChatModel):
-        return value
-    if isinstance(value, LocalModel):
-        return ChatModel(label or f"{value.name} (local)", "local", None, adapter=value.active, run_dir=run_dir,
-                         _lm=value)
-    if callable(value):
-        return ChatModel(label or getattr(value, "__name__", "function"), "function", fn=value, run_dir=run_dir)
-    return ChatModel(label or f"{Path(str(value)).name} (local)", "local", value, run_dir=run_dir)
+def _label(model: ChatModel) -> str:
+    return model.name if model.kind == "function" else f"{model.name} ({model.kind})"
 
 
 # =============================================================================== the widget
@@ -136,8 +82,8 @@ class ChatWidget:
 
     ``models``: {label: ChatModel | function | LocalModel | source}; default
     :func:`available_models` of ``run_dir``. ``model`` / ``compare_model``: a label of
-    ``models``, or something :func:`_as_chat_model` accepts (a card name, a folder, a
-    LocalModel, a function). ``history_turns``: exchanges (user + reply) kept as context.
+    ``models``, or anything :func:`kokoro_helpers.models.open.open_model` accepts (a card name, a
+    folder, an endpoint, a LocalModel, a function). ``history_turns``: exchanges (user + reply) kept as context.
     ``system_prompt``: default the one the run's training data starts with.
     """
 
@@ -159,7 +105,8 @@ class ChatWidget:
         self.stream_enabled = bool(stream)
         self.stream_refresh_s = float(stream_refresh_s)
         raw = dict(models) if models is not None else available_models(run_dir, include_openai)
-        self.models: dict[str, ChatModel] = {label: _as_chat_model(m, label, run_dir) for label, m in raw.items()}
+        self.models: dict[str, ChatModel] = {label: open_model(m, run_dir, name=label, log=None)
+                                             for label, m in raw.items()}
         self.histories: dict[str, list[dict[str, str]]] = {lane: [] for lane in LANES}
         self._conversations: dict[tuple[str, str | None], list[dict[str, str]]] = {}   # (lane, model label)
         self.selected: dict[str, str | None] = {"a": None, "b": None}
@@ -207,10 +154,11 @@ class ChatWidget:
         same = self._registry_entry_of(value)
         if same is not None:
             return same
-        cm = _as_chat_model(value, None, self.run_dir)
-        self.models[cm.label] = cm
+        cm = open_model(value, self.run_dir, log=None)
+        label = _label(cm)
+        self.models[label] = cm
         self._refresh_options()
-        return cm.label
+        return label
 
     def _registry_entry_of(self, value: Any) -> str | None:
         """For a LocalModel whose active adapter is a card already in the picker: that entry (and
@@ -224,33 +172,32 @@ class ChatWidget:
             return None
         found = None
         for label, m in self.models.items():
-            if m.kind == "local" and m._lm is None and m.source is not None and \
-                    Path(str(m.source)).resolve() == Path(card_path).resolve():
+            if isinstance(m, LocalChatModel) and m._lm is None and m.card_path is not None and \
+                    m.card_path.resolve() == Path(card_path).resolve():
                 m._lm = value
-                if m.adapter != BASE_ADAPTER:
-                    m.adapter = value.active
+                if not m.base_only:
                     found = found or label
         return found
 
     def _base_of(self, label: str | None) -> str:
         """A picker entry for the base model of the local model ``label`` (sharing its weights)."""
         model = self.models.get(label) if label else None
-        if model is None or model.kind != "local" or model.adapter == BASE_ADAPTER:
-            found = next((lb for lb, m in self.models.items() if m.adapter == BASE_ADAPTER), None)
+        if not isinstance(model, LocalChatModel) or model.base_only:
+            found = next((lb for lb, m in self.models.items() if getattr(m, "base_only", False)), None)
             if found is None:
                 raise KeyError(f"'base' にはローカルのアダプターが必要です ('base' needs a local adapter to switch "
                                f"off); choose from: {', '.join(self.models) or 'none'}")
             return found
         for lb, m in self.models.items():           # the registry's entry for this adapter's base
-            if m.adapter == BASE_ADAPTER and m.kind == "local" and m.source is not None and m.source == model.source:
+            if isinstance(m, LocalChatModel) and m.base_only and m.source == model.source:
                 return lb
         lm = model._lm
         base = lm.base_name if lm is not None else "base"
-        entry = ChatModel(f"{Path(base).name if Path(base).is_absolute() else base} (base of {label}, adapter off)",
-                          "local", model.source, adapter=BASE_ADAPTER, run_dir=model.run_dir, _lm=lm)
-        self.models.setdefault(entry.label, entry)
+        entry = LocalChatModel(model.source, name=f"{base} (base)", base_only=True, lm=lm, run_dir=model.run_dir)
+        entry_label = f"{Path(base).name if Path(base).is_absolute() else base} (base of {label}, adapter off)"
+        self.models.setdefault(entry_label, entry)
         self._refresh_options()
-        return entry.label
+        return entry_label
 
     def select(self, model: Any = None, compare_model: Any = None) -> None:
         """Choose the model (and the second model of side-by-side mode). None keeps the current

@@ -8,11 +8,12 @@
 OpenAI models (kind "openai") are used through the API (OPENAI_API_KEY from the environment or
 .env); Azure OpenAI fine-tunes (card provider "azure") through their deployment (`--deployment NAME`
 or the card's azure_deployment; AZURE_OPENAI_ENDPOINT, AZURE_OPENAI_API_KEY, OPENAI_API_VERSION);
-local LoRA models (kind "local_lora") through kokoro_helpers.local.generate. Bad use ends with
-one line on stderr and a non-zero exit, never a traceback (KOKORO_DEBUG=1 shows it).
+local LoRA models (kind "local_lora") on this machine — every kind through the one model interface
+(kokoro_helpers.models.open.open_model). Bad use ends with one line on stderr and a non-zero exit, never a
+traceback (KOKORO_DEBUG=1 shows it).
 
-From Python: `list_models(run_dir)`, `load_model(run_dir, model_id=... | latest=True | model_file=...)`,
-then `kokoro_helpers.hosted.openai_ft.chat(card, messages)`.
+From Python: `list_models(run_dir)`, `choose_card(run_dir, model_id=... | latest=True | model_file=...)`,
+then `open_model(card_path).reply(messages)`.
 """
 from __future__ import annotations
 
@@ -24,9 +25,10 @@ from typing import Any, Sequence
 
 from kokoro_helpers import cards
 from kokoro_helpers.cards import CardError
-from kokoro_helpers.paths import resolve
+from kokoro_helpers.models.base import with_system_prompt
+from kokoro_helpers.models.open import open_model
+from kokoro_helpers.paths import DEFAULT_RUN_DIR, resolve
 
-DEFAULT_RUN_DIR = "runs/default"
 EXIT_USAGE = 2
 EXIT_ERROR = 1
 
@@ -80,7 +82,7 @@ def format_models(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def load_model(run_dir: str | Path = DEFAULT_RUN_DIR, model_id: str | None = None, latest: bool = False,
+def choose_card(run_dir: str | Path = DEFAULT_RUN_DIR, model_id: str | None = None, latest: bool = False,
                model_file: str | Path | None = None) -> tuple[Path, dict[str, Any]]:
     """The card to use: from a card file, by model id (or card file name), or the newest usable one."""
     if model_file:
@@ -136,17 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _client_for(card: dict[str, Any]):
-    """The API client for an OpenAI / Azure card (fails early, naming the variables it needs); None for
-    local cards."""
-    if card.get("kind") == "local_lora":
-        return None
-    from kokoro_helpers.hosted.openai_ft import client_for_card
-    return client_for_card(card)
-
-
 def _run(args: argparse.Namespace) -> int:
-    from kokoro_helpers.hosted.openai_ft import chat
     if args.list:
         rows = list_models(args.run_dir)
         for problem in scan_cards(args.run_dir)[1]:
@@ -162,17 +154,18 @@ def _run(args: argparse.Namespace) -> int:
         raise _UsageError("say what to do with the model: --input TEXT or --interactive")
     if args.max_tokens <= 0:
         raise _UsageError("--max-tokens must be positive")
-    path, card = load_model(args.run_dir, args.model_id, args.use_latest, args.model_file)
+    path, card = choose_card(args.run_dir, args.model_id, args.use_latest, args.model_file)
     args.provider_ = card.get("provider", "openai")
-    if card.get("kind") != "local_lora":
-        from kokoro_helpers.hosted.openai_ft import inference_model
-        inference_model(card, args.deployment)        # an Azure card without a deployment: say so first
-    client = _client_for(card)
-    opts = dict(client=client, max_tokens=args.max_tokens, temperature=args.temperature, system=args.system)
-    if args.deployment:
-        opts["deployment"] = args.deployment
+    model = open_model(path, args.run_dir, deployment=args.deployment,
+                       max_new_tokens=args.max_tokens,
+                       temperature=args.temperature, log=None)
+    system = args.system if args.system is not None else card.get("system_prompt")
+
+    def answer(history: list[dict[str, str]]) -> str:
+        return model.reply(with_system_prompt(history, system, replace=args.system is not None))
+
     if args.input is not None:
-        print(chat(card, [{"role": "user", "content": args.input}], **opts))
+        print(answer([{"role": "user", "content": args.input}]))
         return 0
     print(f"chatting with {card['model_id']} ({card.get('kind')}) — type quit or exit to end")
     history: list[dict[str, str]] = []
@@ -187,7 +180,7 @@ def _run(args: argparse.Namespace) -> int:
         if not text.strip():
             continue
         history.append({"role": "user", "content": text})
-        reply = chat(card, history, **opts)
+        reply = answer(history)
         history.append({"role": "assistant", "content": reply})
         print(f"model> {reply}")
 
