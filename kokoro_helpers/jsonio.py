@@ -101,23 +101,29 @@ def atomic_write(path: str | Path, mode: str = "w", *, durable: bool = True,
 
 
 @contextmanager
-def atomic_dir(path: str | Path, *, keep_existing: bool = False) -> Iterator[Path]:
+def atomic_dir(path: str | Path, *, keep_existing: bool | Callable[[Path], bool] = False) -> Iterator[Path]:
     """Build a folder all or nothing: the body fills a fresh temp folder beside `path`, which replaces
     `path` (and whatever was there) when the body finishes; on an exception the temp folder goes and `path`
-    is untouched. `keep_existing=True`: if another process finished `path` first, keep theirs."""
+    is untouched. `keep_existing`: when a folder is already at `path` and this is true (or, a function,
+    returns true for it — e.g. "another process finished it first"), that folder is kept and the new one
+    dropped."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(path)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+
+    def keep() -> bool:
+        return path.is_dir() and (keep_existing(path) if callable(keep_existing) else bool(keep_existing))
+
     try:
         yield tmp
-        if path.exists() and not keep_existing:
+        if path.exists() and not keep():
             shutil.rmtree(path)
         try:
             os.replace(tmp, path)
         except OSError:
-            if not (keep_existing and path.is_dir()):
+            if not keep():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

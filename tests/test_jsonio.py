@@ -32,13 +32,20 @@ def test_atomic_dir_replaces_a_folder_whole_or_not_at_all(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
 
-def test_atomic_dir_keep_existing_keeps_a_finished_folder(tmp_path):
+def test_atomic_dir_keeps_a_finished_folder_and_replaces_a_half_one(tmp_path):
     out = tmp_path / "build"
     out.mkdir()
-    (out / "done").write_text("theirs")
-    with atomic_dir(out, keep_existing=True) as tmp:
+    (out / "half").write_text("a killed build")
+
+    def finished(folder):
+        return (folder / "done").is_file()
+
+    with atomic_dir(out, keep_existing=finished) as tmp:
         (tmp / "done").write_text("mine")
-    assert (out / "done").read_text() in ("theirs", "mine")
+    assert sorted(p.name for p in out.iterdir()) == ["done"]              # the half build was replaced
+    with atomic_dir(out, keep_existing=finished) as tmp:
+        (tmp / "done").write_text("second")
+    assert (out / "done").read_text() == "mine"                          # a finished one is kept
     assert sorted(p.name for p in tmp_path.iterdir()) == ["build"]
 
 

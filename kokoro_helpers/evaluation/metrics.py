@@ -11,12 +11,12 @@ and — for local models — the perplexity of the real reply (`perplexity_of_re
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from kokoro_helpers.progress import tqdm
 
+from kokoro_helpers.jsonio import atomic_write
 from kokoro_helpers.evaluation.evaluate import EvalError, Item, eval_dir, generation_rows, text_chars
 
 # =================================================================================================
@@ -186,10 +186,8 @@ def compute_metrics(generations: Any, items: Sequence[Item], *, perplexity: Mapp
 def write_metrics(df: Any, run_dir: str | Path, name: str = "metrics.csv") -> Path:
     """Write the metrics table to run_dir/eval/<name> (atomically)."""
     path = eval_dir(run_dir) / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    df.to_csv(tmp, float_format="%.6g")
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        df.to_csv(f, float_format="%.6g")
     return path
 
 

@@ -25,15 +25,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
-import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from kokoro_helpers.jsonio import atomic_dir
 from kokoro_helpers.paths import SAMPLE_DIR, cache_dir
 from kokoro_helpers.resources import prefer_passive_openmp
 
@@ -329,21 +328,11 @@ def build_tiny_model(recipe: TinyRecipe = DEFAULT_RECIPE, root: str | Path | Non
     final = model_dir(recipe, root)
     if (final / "recipe.json").is_file() and not force:
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    def finished(folder: Path) -> bool:           # another process's complete build (not a half one)
+        return (folder / "recipe.json").is_file()
+
+    with atomic_dir(final, keep_existing=False if force else finished) as tmp:
         info = _build_into(tmp, recipe, progress)
-        if final.exists() and (force or not (final / "recipe.json").is_file()):
-            shutil.rmtree(final)      # forced rebuild, or a half build left by a killed process
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not (final / "recipe.json").is_file():   # not another process's complete build
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     if progress:
         print(f"built the embedded tiny base model in {info['build_s']:.1f} s "
               f"({info['parameters']:,} parameters, warm-up loss {info['final_warmup_loss']:.3f}): {final}")
