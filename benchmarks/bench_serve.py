@@ -4,7 +4,7 @@ What it does, on the embedded tiny model (its tokenizer and chat template):
   1. fits conversations of --sizes messages into a 300-token budget with the old algorithm (drop
      the oldest message, re-encode the whole conversation, repeat: quadratic) and with
      ``generate.fit_messages`` (token counts once, one cut, one check: linear); prints both times;
-  2. serves the model (``serve.ServerThread`` on a free loopback port, --max-messages raised) and
+  2. serves the model (``ServerThread`` on a free loopback port, --max-messages raised) and
      sends a --big-message request (answered 400 context_length_exceeded, and once more with
      ``"truncation": "auto"``: a fitted reply), and while each is in flight a normal request;
      prints how long each took and whether the normal one finished first;
@@ -68,7 +68,8 @@ def main() -> int:
 
     import torch
     torch.set_num_threads(1)
-    tokenizer = gen._load_tokenizer(build_tiny_model(progress=False))
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(str(build_tiny_model(progress=False)))
     old_s = new_s = 0.0
     for n in args.sizes:
         msgs = conversation(n)
@@ -79,12 +80,13 @@ def main() -> int:
 
     import httpx
 
-    from kokoro_helpers.local import serve
+    from kokoro_helpers.local.serve import ServerThread
+    from kokoro_helpers.local.serve_app import create_app
+    from kokoro_helpers.local.serve_protocol import Limits
     with tempfile.TemporaryDirectory() as tmp:
         lm = gen.load(gen.init_adapter(Path(tmp) / "lora-bench", seed=1), device="cpu")
-        app = serve.create_app(lm, max_tokens=8, temperature=0.0,
-                               limits=serve.Limits(max_messages=args.big_messages + 10))
-        with serve.ServerThread(app) as srv:
+        app = create_app(lm, max_tokens=8, temperature=0.0, limits=Limits(max_messages=args.big_messages + 10))
+        with ServerThread(app) as srv:
             url = f"{srv.url}/v1/chat/completions"
             small = {"model": "lora-bench", "messages": conversation(2)}
             httpx.post(url, json=small, timeout=60)                         # warm-up

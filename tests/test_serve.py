@@ -1,4 +1,4 @@
-"""The OpenAI-compatible server (kokoro_helpers.local.serve) against the real `openai` client, over real
+"""The OpenAI-compatible server (kokoro_helpers.local.serve and its serve_* parts) against the real `openai` client, over real
 HTTP on a free loopback port: non-streaming, streaming, concurrency, 4xx bodies, the CLI."""
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ pytest.importorskip("uvicorn")
 
 from kokoro_helpers.local import generate as gen  # noqa: E402
 from kokoro_helpers.local import serve  # noqa: E402
+from kokoro_helpers.local.serve_app import create_app  # noqa: E402
+from kokoro_helpers.local.serve_protocol import Limits, apply_stop  # noqa: E402
 from kokoro_helpers.local.tiny_model import build_tiny_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +54,7 @@ def lm(adapter, tmp_path_factory) -> gen.LocalModel:
 
 @pytest.fixture(scope="module")
 def server(lm):
-    srv = serve.ServerThread(serve.create_app(lm, max_tokens=16, temperature=0.0))
+    srv = serve.ServerThread(create_app(lm, max_tokens=16, temperature=0.0))
     srv.start()
     try:
         yield srv
@@ -137,8 +139,8 @@ def test_concurrent_requests_are_answered_safely(lm, client):
 
 
 def test_stop_strings():
-    assert serve.apply_stop("こんにちは。元気です", ["。"]) == ("こんにちは", True)
-    assert serve.apply_stop("abc", ["x", "y"]) == ("abc", False)
+    assert apply_stop("こんにちは。元気です", ["。"]) == ("こんにちは", True)
+    assert apply_stop("abc", ["x", "y"]) == ("abc", False)
 
 
 # --------------------------------------------------------------------------- malformed requests
@@ -190,7 +192,7 @@ def test_bad_json_unknown_routes_and_the_client_errors(server, client):
 
 
 def test_api_key_is_required_when_configured(lm):
-    with serve.ServerThread(serve.create_app(lm, api_key="sekrit")) as srv:
+    with serve.ServerThread(create_app(lm, api_key="sekrit")) as srv:
         bad = openai.OpenAI(base_url=srv.base_url, api_key="wrong", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
             bad.models.list()
@@ -265,8 +267,8 @@ def long_conversation(n: int) -> list[dict[str, str]]:
 @pytest.fixture()
 def roomy(lm):
     """A server that takes 10,000-message requests (the default --max-messages is 2048)."""
-    with serve.ServerThread(serve.create_app(lm, max_tokens=8, temperature=0.0,
-                                             limits=serve.Limits(max_messages=20_000))) as srv:
+    with serve.ServerThread(create_app(lm, max_tokens=8, temperature=0.0,
+                                             limits=Limits(max_messages=20_000))) as srv:
         yield srv
 
 
@@ -333,7 +335,7 @@ def test_abandoned_requests_stop_generating(lm, monkeypatch):
             record["cancelled"] = kw["cancel"].is_set()
 
     monkeypatch.setattr(gen, "stream_generate", long_stream)
-    with serve.ServerThread(serve.create_app(lm, temperature=0.0)) as srv:
+    with serve.ServerThread(create_app(lm, temperature=0.0)) as srv:
         def abandon(_):
             with pytest.raises(httpx.ReadTimeout):
                 httpx.post(f"{srv.url}/v1/chat/completions", timeout=httpx.Timeout(60, read=0.5),
@@ -357,8 +359,8 @@ def test_abandoned_requests_stop_generating(lm, monkeypatch):
 
 
 def test_a_full_queue_answers_429_with_retry_after(lm):
-    with serve.ServerThread(serve.create_app(lm, max_tokens=4, temperature=0.0,
-                                             limits=serve.Limits(max_queue=0))) as srv:
+    with serve.ServerThread(create_app(lm, max_tokens=4, temperature=0.0,
+                                             limits=Limits(max_queue=0))) as srv:
         with ThreadPoolExecutor(1) as pool:
             with lm.lock:                                # the model is busy (e.g. the chat widget)
                 first = pool.submit(post, srv, {"model": "lora-serve", "messages": MESSAGES})
@@ -383,7 +385,7 @@ def test_a_full_queue_answers_429_with_retry_after(lm):
     ({"max_body_bytes": 200}, {"messages": [{"role": "user", "content": "x" * 300}]}, "request_too_large", None),
 ])
 def test_limits_answer_openai_style(lm, limits, body, code, param):
-    with serve.ServerThread(serve.create_app(lm, max_tokens=4, limits=serve.Limits(**limits))) as srv:
+    with serve.ServerThread(create_app(lm, max_tokens=4, limits=Limits(**limits))) as srv:
         r = post(srv, {"model": "lora-serve", **body})
         err = r.json()["error"]
         assert r.status_code in (400, 413) and err["code"] == code and err["param"] == param
@@ -435,7 +437,7 @@ def test_browser_safety(server, lm):
     schema = spec["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert {"model", "messages", "max_tokens", "temperature", "top_p", "seed", "stop", "stream",
             "truncation"} <= set(schema["properties"]) and schema["required"] == ["model", "messages"]
-    with serve.ServerThread(serve.create_app(lm, cors_origins=["http://localhost:3000"],
+    with serve.ServerThread(create_app(lm, cors_origins=["http://localhost:3000"],
                                              allowed_hosts=["kokoro.test"])) as srv:
         r = httpx.options(f"{srv.url}/v1/chat/completions", headers={
             "origin": "http://localhost:3000", "access-control-request-method": "POST",
@@ -445,7 +447,7 @@ def test_browser_safety(server, lm):
 
 
 def test_with_a_key_docs_are_behind_it_too_and_the_banner_says_how_to_pass_it(lm):
-    with serve.ServerThread(serve.create_app(lm, api_key="sekrit")) as srv:
+    with serve.ServerThread(create_app(lm, api_key="sekrit")) as srv:
         for path in ("/docs", "/openapi.json"):
             assert httpx.get(f"{srv.url}{path}").status_code == 401
             assert httpx.get(f"{srv.url}{path}", headers={"authorization": "Bearer sekrit"}).status_code == 200

@@ -414,10 +414,10 @@ def test_the_random_real_architecture_folder_is_served_by_its_card_name(qwen2_ru
     """The server's app built from the run's card name (as `--model qwen2-rand`), one chat completion."""
     from fastapi.testclient import TestClient
 
-    from kokoro_helpers.local import serve
+    from kokoro_helpers.local.serve_app import close_app, create_app
 
     run_dir, _ = qwen2_run
-    app = serve.create_app("qwen2-rand", run_dir=run_dir, max_tokens=4, temperature=0.0)
+    app = create_app("qwen2-rand", run_dir=run_dir, max_tokens=4, temperature=0.0)
     try:
         with TestClient(app, base_url="http://127.0.0.1") as client:   # the loopback host guard
             listed = client.get("/v1/models")
@@ -434,7 +434,7 @@ def test_the_random_real_architecture_folder_is_served_by_its_card_name(qwen2_ru
             assert isinstance(choice["message"]["content"], str) and choice["finish_reason"] in ("stop", "length")
             assert 0 < body["usage"]["completion_tokens"] <= 4
     finally:
-        serve.close_app(app)
+        close_app(app)
 
 
 def test_local_mode_auto_explains_why_the_folder_does_not_train_on_a_cpu(qwen2_run, monkeypatch):
