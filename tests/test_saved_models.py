@@ -134,7 +134,7 @@ def test_unknown_id_in_a_fresh_process(tmp_path):
 
 
 def test_local_lora_card_without_the_local_module_says_where_local_models_are_served(tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "kokoro_helpers.local.generate", None)   # as if the module did not exist
+    monkeypatch.setitem(sys.modules, "kokoro_helpers.local.loading", None)   # as if the module did not exist
     write_card(tmp_path, "lora-tiny", LORA_CARD)
     assert saved_models.main(["--model-id", "lora-tiny", "--input", "x", "--run-dir", str(tmp_path)]) == 1
     line = one_error_line(capsys)

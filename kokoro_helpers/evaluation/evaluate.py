@@ -482,11 +482,11 @@ class OpenAIChatResponder:
         return f"OpenAIChatResponder(name={self.name!r}, base_url={self.base_url!r})"
 
 
-def _generate_module() -> Any:
+def _generate_module(name: str = "kokoro_helpers.local.generate") -> Any:
     try:
-        return importlib.import_module("kokoro_helpers.local.generate")
+        return importlib.import_module(name)
     except ModuleNotFoundError as exc:
-        if exc.name not in ("kokoro_helpers.local.generate", None):
+        if exc.name not in (name, None):
             raise
         raise LocalGenerationUnavailable(
             "local generation needs kokoro_helpers.local.generate (04_local_lora_inference: batch_generate, "
@@ -508,7 +508,7 @@ class LocalResponder:
 
     The model is loaded lazily, on the first `respond` (a fully cached run never loads it), by
     `loader(card_or_path, base_only=...) -> (model, tokenizer)` — by default
-    `kokoro_helpers.local.generate.load_model` — and replies come from
+    `kokoro_helpers.local.loading.load_model` — and replies come from
     `generate_fn(model, tokenizer, list_of_messages, max_new_tokens=..., temperature=..., ...)` —
     by default `kokoro_helpers.local.generate.batch_generate` (04's batched generation) — called on
     chunks of `batch_size` so each chunk is cached as soon as it is done. Pass `model=` and
@@ -588,11 +588,11 @@ class LocalResponder:
         if self.model is None or self.tokenizer is None:
             loader = self.loader
             if loader is None:
-                gen = _generate_module()
+                gen = _generate_module("kokoro_helpers.local.loading")
                 loader = getattr(gen, "load_model", None)
                 if loader is None:
                     raise LocalGenerationUnavailable(
-                        "kokoro_helpers.local.generate has no load_model(card_or_path, base_only=...): "
+                        "kokoro_helpers.local.loading has no load_model(card_or_path, base_only=...): "
                         "pass loader= (or model= and tokenizer=) to LocalResponder")
             source = self.card_path if self.card_path is not None else (self.card or self.source)
             self.model, self.tokenizer = loader(source, base_only=self.base_only)

@@ -282,7 +282,7 @@ def perplexity_of_references(model: Any, tokenizer: Any, items: Sequence[Item], 
     limit = max_length or getattr(getattr(model, "config", None), "max_position_embeddings", None)
     encoded = []
     truncated = skipped = 0
-    from kokoro_helpers.local.generate import render_prompt   # the prompt exactly as generation renders it
+    from kokoro_helpers.local.prompts import render_prompt   # the prompt exactly as generation renders it
 
     for it in items:
         prompt_ids, ref_ids = _split_ids(tokenizer, render_prompt(tokenizer, list(it["context"])), it["reference"])

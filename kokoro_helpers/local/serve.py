@@ -51,8 +51,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from kokoro_helpers.local import generate as gen
-from kokoro_helpers.local.generate import BASE_ADAPTER, DEFAULT_RUN_DIR, LocalModel
+from kokoro_helpers.local import loading, prompts, sources
+from kokoro_helpers.local.model import BASE_ADAPTER, LocalModel
+from kokoro_helpers.local.sources import DEFAULT_RUN_DIR
 from kokoro_helpers.paths import portable
 
 LOOPBACK = "127.0.0.1"
@@ -323,8 +324,8 @@ def create_app(model: LocalModel | Any, *, run_dir: str | Path = DEFAULT_RUN_DIR
                max_tokens: int = 256, temperature: float = 1.0, top_p: float = 1.0, api_key: str | None = None,
                limits: Limits | None = None, allowed_hosts: list[str] | tuple[str, ...] | None = None,
                cors_origins: list[str] | tuple[str, ...] | None = None, **load_kwargs: Any):
-    """The FastAPI app serving ``model`` (a :class:`~kokoro_helpers.local.generate.LocalModel`, or anything
-    :func:`~kokoro_helpers.local.generate.load` accepts: a card name in ``run_dir``, a card, a folder).
+    """The FastAPI app serving ``model`` (a :class:`~kokoro_helpers.local.model.LocalModel`, or anything
+    :func:`~kokoro_helpers.local.loading.load` accepts: a card name in ``run_dir``, a card, a folder).
 
     ``max_tokens``/``temperature``/``top_p``: defaults for requests that omit them (OpenAI's
     defaults are temperature 1 and top_p 1). ``api_key``: when given, requests must send
@@ -338,12 +339,12 @@ def create_app(model: LocalModel | Any, *, run_dir: str | Path = DEFAULT_RUN_DIR
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    lm = model if isinstance(model, LocalModel) else gen.load(model, run_dir, **load_kwargs)
+    lm = model if isinstance(model, LocalModel) else loading.load(model, run_dir, **load_kwargs)
     limits = limits or Limits()
     models = served_models(lm, served_name)
     defaults = {"max_tokens": int(max_tokens), "temperature": float(temperature), "top_p": float(top_p)}
     created = int(time.time())
-    ctx = gen.context_length(lm.model, lm.tokenizer)
+    ctx = prompts.context_length(lm.model, lm.tokenizer)
     fingerprint = f"kokoro-{lm.device}-{str(lm.dtype).replace('torch.', '')}"
     hosts = {h.lower().strip("[]") for h in (*LOOPBACK_NAMES, *(allowed_hosts or ()))}
 
@@ -456,12 +457,12 @@ def create_app(model: LocalModel | Any, *, run_dir: str | Path = DEFAULT_RUN_DIR
         info = lm.adapters.get(adapter)
         return info.tokenizer if info is not None else lm.base_tokenizer
 
-    def fit(req: dict[str, Any]) -> gen.FittedPrompt:
+    def fit(req: dict[str, Any]) -> prompts.FittedPrompt:
         """Runs in a worker thread, without the model's lock: linear in the conversation's length."""
         room = None if ctx is None else ctx - req["max_new_tokens"]
         try:
-            return gen.fit_messages(tokenizer_for(req["adapter"]), req["messages"], room, truncate=req["truncate"])
-        except gen.ContextLengthError as exc:
+            return prompts.fit_messages(tokenizer_for(req["adapter"]), req["messages"], room, truncate=req["truncate"])
+        except prompts.ContextLengthError as exc:
             raise APIError(400, f"This model's maximum context length is {ctx} tokens. However, your messages "
                            f"resulted in {exc.prompt_tokens} tokens (and {req['max_new_tokens']} are kept for the "
                            "completion). Please reduce the length of the messages or of "
@@ -620,7 +621,7 @@ _JOB_STREAM = None
 
 
 def _generation_error(exc: BaseException) -> APIError:
-    if isinstance(exc, gen.ContextLengthError):
+    if isinstance(exc, prompts.ContextLengthError):
         return APIError(400, str(exc), "messages", "context_length_exceeded")
     if isinstance(exc, (ValueError, TypeError)):
         return APIError(400, f"{type(exc).__name__}: {exc}", None, "invalid_value")
@@ -632,7 +633,7 @@ class _Job:
     cancelled), streams deltas back through an asyncio queue and stops at the next token once
     ``cancel`` is set: the client went away, or the server is shutting down."""
 
-    def __init__(self, app, lm: LocalModel, fitted: "gen.FittedPrompt", adapter: str, settings: dict[str, Any]):
+    def __init__(self, app, lm: LocalModel, fitted: "prompts.FittedPrompt", adapter: str, settings: dict[str, Any]):
         self.app, self.lm, self.fitted, self.adapter, self.settings = app, lm, fitted, adapter, settings
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -861,13 +862,13 @@ def vllm_command(lm_or_source: LocalModel | Any, run_dir: str | Path = DEFAULT_R
     """The vLLM command serving the same adapter folder (high-throughput, batched, OpenAI-compatible)."""
     lm_src = lm_or_source.adapters[lm_or_source.active].source if (
         isinstance(lm_or_source, LocalModel) and lm_or_source.active in lm_or_source.adapters) else (
-        gen.resolve_source(lm_or_source, run_dir) if not isinstance(lm_or_source, LocalModel) else None)
+        sources.resolve_source(lm_or_source, run_dir) if not isinstance(lm_or_source, LocalModel) else None)
     if lm_src is None or lm_src.adapter_dir is None:
         raise ValueError("vllm_command needs an adapter (a local_lora card or an adapter folder)")
     base = str(lm_src.base_model or lm_src.model_path)
     if base.startswith("embedded:"):
         base = portable(lm_src.model_path)
-    rank = int(gen._read_adapter_config(lm_src.adapter_dir).get("r", 8) or 8)
+    rank = int(sources.read_adapter_config(lm_src.adapter_dir).get("r", 8) or 8)
     max_rank = 8
     while max_rank < rank:                 # vLLM accepts 8, 16, 32, 64, ... as --max-lora-rank
         max_rank *= 2
@@ -953,10 +954,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: bound to {args.host}, this server answers only requests whose Host is a loopback name; "
               "pass --allowed-hosts NAME,... with the names clients use (or '*')", file=sys.stderr)
     try:
-        lm = gen.load(args.model, args.run_dir, base_model=args.base_model, device=args.device, dtype=args.dtype)
+        lm = loading.load(args.model, args.run_dir, base_model=args.base_model, device=args.device, dtype=args.dtype)
         for name, path in _parse_adapters(args.adapter):
             lm.add_adapter(path, name=name, run_dir=args.run_dir)
-    except (gen.ModelLoadError, ValueError, OSError) as exc:
+    except (sources.ModelLoadError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     app = create_app(lm, served_name=args.served_name, max_tokens=args.max_tokens, temperature=args.temperature,

@@ -31,7 +31,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from kokoro_helpers import widget_view
 from kokoro_helpers.display import chat_html
-from kokoro_helpers.local.generate import BASE_ADAPTER, DEFAULT_RUN_DIR
+from kokoro_helpers.local.model import BASE_ADAPTER
+from kokoro_helpers.local.sources import DEFAULT_RUN_DIR
 
 LANES = ("a", "b")
 RUN_TO_CHAT = ("このセルを実行するとチャットできます", "run this cell to chat")
@@ -57,9 +58,9 @@ class ChatModel:
         return self.kind == "local"
 
     def local_model(self):
-        """The loaded LocalModel (loaded on first use, shared through generate.get_model)."""
+        """The loaded LocalModel (loaded on first use, shared through loading.get_model)."""
         if self._lm is None:
-            from kokoro_helpers.local.generate import get_model
+            from kokoro_helpers.local.loading import get_model
             self._lm = get_model(self.source, self.run_dir)
         return self._lm
 
@@ -117,7 +118,7 @@ def available_models(run_dir: str | Path = DEFAULT_RUN_DIR, include_openai: bool
 
 def _as_chat_model(value: Any, label: str | None = None, run_dir: str | Path = DEFAULT_RUN_DIR) -> ChatModel:
     """A ChatModel from a ChatModel, a function, a LocalModel, or a local source (card name, folder)."""
-    from kokoro_helpers.local.generate import LocalModel
+    from kokoro_helpers.local.model import LocalModel
 
     if isinstance(value, ChatModel):
         return value
@@ -151,7 +152,7 @@ class ChatWidget:
         self.run_dir = run_dir
         self.history_turns = int(history_turns)
         if system_prompt is None:
-            from kokoro_helpers.local.generate import system_prompt_of
+            from kokoro_helpers.local.demo import system_prompt_of
             system_prompt = system_prompt_of(run_dir)
         self.system_prompt = system_prompt or None
         self.settings = {"max_new_tokens": int(max_new_tokens), "temperature": float(temperature),
@@ -215,7 +216,7 @@ class ChatWidget:
     def _registry_entry_of(self, value: Any) -> str | None:
         """For a LocalModel whose active adapter is a card already in the picker: that entry (and
         its base entry) now use the loaded model instead of loading it a second time."""
-        from kokoro_helpers.local.generate import LocalModel
+        from kokoro_helpers.local.model import LocalModel
 
         if not isinstance(value, LocalModel) or value.active not in value.adapters:
             return None
