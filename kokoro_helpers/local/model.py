@@ -40,9 +40,9 @@ class AdapterInfo:
 class LocalModel:
     """A base model with zero or more LoRA adapters, switched by name, and its tokenizer(s).
 
-    Build it with :func:`load`. ``model`` is a peft ``PeftModel`` when an adapter is loaded,
-    else the plain transformers model. ``lock`` serialises generation and adapter switching:
-    the widget and the server may share one instance between threads.
+    Build it with :func:`kokoro_helpers.local.loading.load`. ``model`` is a peft ``PeftModel`` when an
+    adapter is loaded, else the plain transformers model. ``lock`` serialises generation and adapter
+    switching: the widget and the server may share one instance between threads.
     """
 
     def __init__(self, model, tokenizer, source: ModelSource, device: str, dtype: Any, load_s: float = 0.0):
