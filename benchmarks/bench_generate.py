@@ -38,7 +38,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from kokoro_helpers import cards  # noqa: E402
-from kokoro_helpers.local import generate as gen  # noqa: E402
+from kokoro_helpers.local.demo import sample_contexts  # noqa: E402
+from kokoro_helpers.local.export import init_adapter  # noqa: E402
+from kokoro_helpers.local.generate import per_prompt_generate  # noqa: E402
+from kokoro_helpers.local.loading import load  # noqa: E402
+from kokoro_helpers.local.prompts import encode_prompt  # noqa: E402
+from kokoro_helpers.local.sources import local_cards  # noqa: E402
 from kokoro_helpers.paths import portable  # noqa: E402
 from kokoro_helpers.local.tiny_model import EMBEDDED_TINY, is_embedded  # noqa: E402
 
@@ -46,23 +51,23 @@ from kokoro_helpers.local.tiny_model import EMBEDDED_TINY, is_embedded  # noqa: 
 def pick_adapter(args, tmp: Path) -> tuple[object, str]:
     if args.model:
         return args.model, f"{args.model} (given)"
-    for path, card in gen.local_cards(args.run_dir):
+    for path, card in local_cards(args.run_dir):
         if is_embedded(card.get("base_model")) and cards.adapter_dir(card, path) is not None:
             return path, f"trained adapter {card['model_id']!r} ({portable(path)})"
-    folder = gen.init_adapter(tmp / "untrained-adapter", EMBEDDED_TINY, seed=args.seed)
+    folder = init_adapter(tmp / "untrained-adapter", EMBEDDED_TINY, seed=args.seed)
     return folder, "untrained random LoRA adapter on embedded:tiny (no trained card in the run)"
 
 
 def pick_prompts(args, tmp: Path):
     try:
-        return gen.sample_contexts(args.run_dir, args.prompts, args.seed), f"{args.run_dir}/data test+valid"
+        return sample_contexts(args.run_dir, args.prompts, args.seed), f"{args.run_dir}/data test+valid"
     except FileNotFoundError:
         from kokoro_helpers.data.pipeline import prepare_data
         from kokoro_helpers.data.tokens import estimate_counter
 
         run = tmp / "run"
         prepare_data("embedded", run_dir=run, token_counter=estimate_counter(), progress=False, seed=args.seed)
-        return gen.sample_contexts(run, args.prompts, args.seed), "embedded sample (01_data into a temp run)"
+        return sample_contexts(run, args.prompts, args.seed), "embedded sample (01_data into a temp run)"
 
 
 def timed_pair(fn_a, fn_b, repeat: int) -> tuple[float, object, float, object]:
@@ -104,9 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmpdir)
         source, what = pick_adapter(args, tmp)
         prompts, where = pick_prompts(args, tmp)
-        lm = gen.load(source, args.run_dir, device=args.device)
+        lm = load(source, args.run_dir, device=args.device)
         info = lm.describe()
-        lengths = [len(gen.encode_prompt(lm.tokenizer, p)) for p in prompts]
+        lengths = [len(encode_prompt(lm.tokenizer, p)) for p in prompts]
         n_new = args.max_new_tokens
         settings = dict(max_new_tokens=n_new, min_new_tokens=n_new, temperature=0.0)
         print(f"model: {what}")
@@ -127,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def per_prompt():
             with lm.using(None):
-                return gen.per_prompt_generate(lm.model, lm.tokenizer, prompts, return_details=True, **settings)
+                return per_prompt_generate(lm.model, lm.tokenizer, prompts, return_details=True, **settings)
 
         def batched():
             return lm.batch_generate(prompts, batch_size=args.batch_size, return_details=True, **settings)

@@ -3,7 +3,7 @@
 What it does, on the embedded tiny model (its tokenizer and chat template):
   1. fits conversations of --sizes messages into a 300-token budget with the old algorithm (drop
      the oldest message, re-encode the whole conversation, repeat: quadratic) and with
-     ``generate.fit_messages`` (token counts once, one cut, one check: linear); prints both times;
+     ``prompts.fit_messages`` (token counts once, one cut, one check: linear); prints both times;
   2. serves the model (``ServerThread`` on a free loopback port, --max-messages raised) and
      sends a --big-message request (answered 400 context_length_exceeded, and once more with
      ``"truncation": "auto"``: a fitted reply), and while each is in flight a normal request;
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from kokoro_helpers.local import generate as gen  # noqa: E402
+from kokoro_helpers.local import export, loading, prompts  # noqa: E402
 from kokoro_helpers.local.tiny_model import build_tiny_model  # noqa: E402
 
 
@@ -39,8 +39,8 @@ def conversation(n: int) -> list[dict[str, str]]:
 
 def old_fit(tokenizer, messages, room):
     """The previous fit_prompt: re-encode after each dropped message (quadratic)."""
-    msgs = gen.clean_messages(messages)
-    ids = gen.encode_prompt(tokenizer, msgs)
+    msgs = prompts.clean_messages(messages)
+    ids = prompts.encode_prompt(tokenizer, msgs)
     while len(ids) > room:
         body = [i for i, m in enumerate(msgs) if m["role"] != "system"]
         if len(body) <= 1:
@@ -49,7 +49,7 @@ def old_fit(tokenizer, messages, room):
         body = [i for i, m in enumerate(msgs) if m["role"] != "system"]
         if len(body) > 1 and msgs[body[0]]["role"] == "assistant":
             del msgs[body[0]]
-        ids = gen.encode_prompt(tokenizer, msgs)
+        ids = prompts.encode_prompt(tokenizer, msgs)
     return ids
 
 
@@ -73,7 +73,7 @@ def main() -> int:
     old_s = new_s = 0.0
     for n in args.sizes:
         msgs = conversation(n)
-        new_s, fitted = timed(gen.fit_messages, tokenizer, msgs, args.budget)
+        new_s, fitted = timed(prompts.fit_messages, tokenizer, msgs, args.budget)
         old_s, old_ids = timed(old_fit, tokenizer, msgs, args.budget)
         print(f"fit {n:>6} messages: old {old_s:8.3f} s   new {new_s:8.4f} s   "
               f"(kept {len(fitted.ids)} vs {len(old_ids)} tokens)")
@@ -84,7 +84,7 @@ def main() -> int:
     from kokoro_helpers.local.serve_app import create_app
     from kokoro_helpers.local.serve_protocol import Limits
     with tempfile.TemporaryDirectory() as tmp:
-        lm = gen.load(gen.init_adapter(Path(tmp) / "lora-bench", seed=1), device="cpu")
+        lm = loading.load(export.init_adapter(Path(tmp) / "lora-bench", seed=1), device="cpu")
         app = create_app(lm, max_tokens=8, temperature=0.0, limits=Limits(max_messages=args.big_messages + 10))
         with ServerThread(app) as srv:
             url = f"{srv.url}/v1/chat/completions"

@@ -382,11 +382,11 @@ def test_every_base_suggested_in_kokorochat_yaml_works_with_it_as_is(base_tokeni
 
 def test_generation_renders_the_system_prompt_as_training_did(base_tokenizers, tmp_path):
     """An adapter trained with system_prompt_mode merge (Gemma-2 has no system role) saves that mode
-    with its tokenizer; generate.render_prompt applies it, so the prompt equals the text training put
+    with its tokenizer; prompts.render_prompt applies it, so the prompt equals the text training put
     before the reply — and a tokenizer saved without the mode keeps the messages as they are."""
     from transformers import AutoTokenizer
 
-    from kokoro_helpers.local.generate import render_prompt
+    from kokoro_helpers.local.prompts import render_prompt
     from kokoro_helpers.local.lora_data import SYSTEM_PROMPT_MODE_KEY, trained_system_prompt_mode
 
     tokenizer = make_tokenizer(base_tokenizers, "gemma-2", "no_prefix")
@@ -409,7 +409,7 @@ def test_reference_nll_scores_the_whole_text_tokenization(base_tokenizers, kind)
     """03's reference perplexity tokenizes prompt + reply as one text (what the model sees), not
     the reply on its own: with a "▁"-prepending tokenizer the reply alone would start with a
     word-start token that the real text does not have."""
-    from kokoro_helpers.local.generate import render_prompt
+    from kokoro_helpers.local.prompts import render_prompt
     from kokoro_helpers.evaluation.metrics import _split_ids
 
     tokenizer = make_tokenizer(base_tokenizers, "qwen2.5", kind)

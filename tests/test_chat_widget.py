@@ -131,12 +131,13 @@ def test_available_models_lists_local_cards_their_base_and_openai_only_with_a_ke
 
 def test_streaming_a_local_model_fills_the_reply_as_it_comes(tmp_path):
     torch = pytest.importorskip("torch")
-    from kokoro_helpers.local import generate as gen
+    from kokoro_helpers.local.export import init_adapter
+    from kokoro_helpers.local.loading import load
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        lm = gen.load(gen.init_adapter(tmp_path / "lora-w", seed=4), device="cpu")
+        lm = load(init_adapter(tmp_path / "lora-w", seed=4), device="cpu")
         w = ChatWidget(models={"local": lm}, system_prompt=SYSTEM, max_new_tokens=12, temperature=0.0,
                        history_turns=3, stream_refresh_s=0.0)
         renders = []
@@ -169,9 +170,10 @@ def test_static_html_for_exported_notebooks(models):
 
 def test_compare_with_base_shares_the_loaded_model(tmp_path):
     torch = pytest.importorskip("torch")
-    from kokoro_helpers.local import generate as gen
+    from kokoro_helpers.local.export import init_adapter
+    from kokoro_helpers.local.loading import load
 
-    lm = gen.load(gen.init_adapter(tmp_path / "lora-v", seed=8), device="cpu")
+    lm = load(init_adapter(tmp_path / "lora-v", seed=8), device="cpu")
     w = ChatWidget(models={}, model=lm, compare_model="base", system_prompt="", max_new_tokens=6, temperature=0.0)
     assert w.side_by_side and "adapter off" in w.selected["b"] and w.models[w.selected["b"]]._lm is lm
     a, b = w.compare("こんにちは")

@@ -518,8 +518,8 @@ def test_local_model_batches_loads_lazily_and_caches(run_dir, items, monkeypatch
             assert conversations[0][-1]["role"] == "user" and max_new_tokens == 32
             return [f"返答{len(m)}" for m in conversations]
 
-    from kokoro_helpers.local import generate as gen
-    monkeypatch.setattr(gen, "get_model", lambda source, run_dir=None, **kw: loads.append(source) or FakeLocal())
+    from kokoro_helpers.local import loading
+    monkeypatch.setattr(loading, "get_model", lambda source, run_dir=None, **kw: loads.append(source) or FakeLocal())
     card = new_card("local_lora", "lora-x", "tiny-base", {})
     r = LocalChatModel(card, max_new_tokens=32, batch_size=3, progress=False)
     base = LocalChatModel(card, base_only=True, max_new_tokens=32, batch_size=3, progress=False)

@@ -1,4 +1,4 @@
-"""Local inference (kokoro_helpers.local.generate): loading, errors, batched vs per-prompt greedy,
+"""Local inference (kokoro_helpers.local): loading, errors, batched vs per-prompt greedy,
 streaming, adapter switching, merge export, the OOM fallback.
 
 Adapters are made with peft directly on the embedded tiny model (random LoRA weights, so an
@@ -19,7 +19,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
 from kokoro_helpers import cards  # noqa: E402
+from kokoro_helpers.local import demo, export, loading, prompts, sources  # noqa: E402
 from kokoro_helpers.local import generate as gen  # noqa: E402
+from kokoro_helpers.local import model as local_model  # noqa: E402
 from kokoro_helpers.local.tiny_model import EMBEDDED_TINY, build_tiny_model, load_tiny_model  # noqa: E402
 
 SYSTEM = "あなたは心理カウンセラーです。"
@@ -45,12 +47,12 @@ def tiny_path() -> Path:
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory, tiny_path) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("adapters")
-    return {"a": gen.init_adapter(root / "lora-a", seed=1), "b": gen.init_adapter(root / "lora-b", seed=2)}
+    return {"a": export.init_adapter(root / "lora-a", seed=1), "b": export.init_adapter(root / "lora-b", seed=2)}
 
 
 @pytest.fixture(scope="module")
-def lm(adapters) -> gen.LocalModel:
-    model = gen.load(adapters["a"], device="cpu")
+def lm(adapters) -> local_model.LocalModel:
+    model = loading.load(adapters["a"], device="cpu")
     model.add_adapter(adapters["b"], name="b")
     return model
 
@@ -65,7 +67,7 @@ def contexts(tmp_path_factory) -> list[list[dict[str, str]]]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("KOKORO_TIKTOKEN_OFFLINE", "1")
         prepare_data("embedded", run_dir=run, token_counter=estimate_counter(), progress=False)
-    return gen.sample_contexts(run, n=12, seed=3)
+    return demo.sample_contexts(run, n=12, seed=3)
 
 
 def user(text: str) -> list[dict[str, str]]:
@@ -91,7 +93,7 @@ def test_batched_greedy_matches_per_prompt(lm, contexts):
     settings = dict(max_new_tokens=24, min_new_tokens=24, temperature=0.0)
     batched = lm.batch_generate(contexts, batch_size=4, return_details=True, **settings)
     single = [lm.generate(c, return_details=True, **settings) for c in contexts]
-    lengths = {len(gen.encode_prompt(lm.tokenizer, c)) for c in contexts}
+    lengths = {len(prompts.encode_prompt(lm.tokenizer, c)) for c in contexts}
     assert len(lengths) > 4, "the prompts should differ in length so that padding is exercised"
     pad = lm.tokenizer.pad_token_id
     for k, (b, s) in enumerate(zip(batched, single)):
@@ -102,7 +104,7 @@ def test_batched_greedy_matches_per_prompt(lm, contexts):
         # a floating-point near-tie flipped a token: up to it the outputs agree and the two
         # computations' logits at the flip are the same within a tight tolerance
         first = next(i for i, (x, y) in enumerate(zip(b.token_ids, s.token_ids)) if x != y)
-        prompt = gen.encode_prompt(lm.tokenizer, contexts[k])
+        prompt = prompts.encode_prompt(lm.tokenizer, contexts[k])
         prefix = prompt + s.token_ids[:first]
         with lm.using(None):
             alone = next_logits(lm.model, [prefix], pad)[0]
@@ -116,7 +118,7 @@ def test_batches_are_sorted_by_length_and_results_in_input_order(lm, contexts):
     seen: list[list[int]] = []
     out = lm.batch_generate(contexts, batch_size=5, max_new_tokens=4, min_new_tokens=4,
                             on_batch=lambda rows, gens: seen.append(rows))
-    lengths = [len(gen.encode_prompt(lm.tokenizer, c)) for c in contexts]
+    lengths = [len(prompts.encode_prompt(lm.tokenizer, c)) for c in contexts]
     order = [i for rows in seen for i in rows]
     assert sorted(order) == list(range(len(contexts)))
     assert [lengths[i] for i in order] == sorted(lengths, reverse=True)
@@ -126,7 +128,7 @@ def test_batches_are_sorted_by_length_and_results_in_input_order(lm, contexts):
 
 def test_generation_stops_at_end_of_turn(lm):
     eos = lm.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    assert eos in gen.end_of_turn_ids(lm.model, lm.tokenizer)
+    assert eos in prompts.end_of_turn_ids(lm.model, lm.tokenizer)
     head = lm.model.get_output_embeddings()
 
     def favour_eos(module, inputs, output):
@@ -194,8 +196,8 @@ def test_long_conversations_lose_their_oldest_turns_with_a_warning(lm):
     for i in range(6):
         msgs += [{"role": "user", "content": f"相談{i}です。" * 5}, {"role": "assistant", "content": "はい。" * 5}]
     msgs.append({"role": "user", "content": "最後の質問です。"})
-    full = len(gen.encode_prompt(lm.tokenizer, msgs))
-    ids, dropped = gen.fit_prompt(lm.tokenizer, msgs, full - 10)
+    full = len(prompts.encode_prompt(lm.tokenizer, msgs))
+    ids, dropped = prompts.fit_prompt(lm.tokenizer, msgs, full - 10)
     assert dropped == 2 and len(ids) <= full - 10
     kept = lm.tokenizer.decode(ids)
     assert SYSTEM in kept and "最後の質問です。" in kept and "相談0です" not in kept
@@ -239,7 +241,7 @@ def test_cuda_oom_halves_the_batch_and_retries(lm, contexts, monkeypatch):
 # --------------------------------------------------------------------------- adapters, merge
 
 def test_adapters_switch_by_name_and_base_is_the_plain_model(lm, adapters, tiny_path):
-    ids = gen.encode_prompt(lm.tokenizer, user("こんにちは"))
+    ids = prompts.encode_prompt(lm.tokenizer, user("こんにちは"))
     assert lm.names == ["lora-a", "b", "base"] and lm.active == "lora-a"
     with lm.using("lora-a"):
         a = model_logits(lm.model, ids)
@@ -249,7 +251,7 @@ def test_adapters_switch_by_name_and_base_is_the_plain_model(lm, adapters, tiny_
         base = model_logits(lm.model, ids)
     assert lm.active == "lora-a"                       # `using` restores the active adapter
     plain, _ = load_tiny_model()
-    alone_b = gen.load(adapters["b"], device="cpu")
+    alone_b = loading.load(adapters["b"], device="cpu")
     assert torch.allclose(base, model_logits(plain, ids), atol=1e-5)
     assert torch.allclose(b, model_logits(alone_b.model, ids), atol=1e-5)
     assert not torch.allclose(a, b, atol=1e-3) and not torch.allclose(a, base, atol=1e-3)
@@ -268,9 +270,9 @@ def test_merge_export_gives_the_same_logits(lm, tmp_path):
     out = lm.export_merged(tmp_path / "merged", adapter="b")
     assert (out / "model.safetensors").is_file() and (out / "tokenizer_config.json").is_file()
     assert not (out / "adapter_config.json").exists()
-    merged = gen.load(out, device="cpu")
+    merged = loading.load(out, device="cpu")
     assert not merged.adapters and merged.tokenizer.chat_template
-    ids = gen.encode_prompt(lm.tokenizer, user("眠れない夜が続いています。"))
+    ids = prompts.encode_prompt(lm.tokenizer, user("眠れない夜が続いています。"))
     with lm.using("b"):
         expected = model_logits(lm.model, ids)
     assert torch.allclose(model_logits(merged.model, ids), expected, atol=1e-4, rtol=1e-4)
@@ -291,37 +293,41 @@ def _write_card(run_dir: Path, name: str, adapter: Path) -> Path:
 
 def test_load_by_card_name_card_file_and_base_only(tmp_path, adapters, tiny_path):
     card_file = _write_card(tmp_path, "lora-card", adapters["a"])
-    by_name = gen.load("lora-card", tmp_path, device="cpu")
+    by_name = loading.load("lora-card", tmp_path, device="cpu")
     info = by_name.describe()
     assert by_name.active == "lora-card" and info["base_model"] == EMBEDDED_TINY
     assert info["tokenizer"].endswith("lora-card") and info["device"] == "cpu" and info["dtype"] == "float32"
     assert info["smoke_model"] is True and not by_name.model.training
-    model, tok = gen.load_model(card_file, base_only=True)
+    base = loading.load(card_file, base_only=True)
     plain, _ = load_tiny_model()
-    ids = gen.encode_prompt(tok, user("こんにちは"))
-    assert not hasattr(model, "peft_config")
-    assert torch.allclose(model_logits(model, ids), model_logits(plain, ids), atol=1e-5)
-    model, tok = gen.load_model(cards.load_card(card_file))           # a card dict, as 03_eval passes
-    assert hasattr(model, "peft_config")
-    reply = gen.chat_local(cards.load_card(card_file), user("こんにちは"), max_tokens=5, temperature=0.0)
-    assert isinstance(reply, str)
-    assert gen.get_model(card_file) is gen.get_model(card_file)
-    gen.clear_cache()
+    ids = prompts.encode_prompt(base.tokenizer, user("こんにちは"))
+    assert not hasattr(base.model, "peft_config")
+    assert torch.allclose(model_logits(base.model, ids), model_logits(plain, ids), atol=1e-5)
+    adapted = loading.load(cards.load_card(card_file))                   # a card dict
+    assert hasattr(adapted.model, "peft_config")
+    # the model interface's baseline shares the adapter's weights with the adapter off: the base's logits
+    from kokoro_helpers.models.open import open_model
+    with open_model(card_file, tmp_path, base_only=True).weights() as (model, _):
+        assert torch.allclose(model_logits(model, ids), model_logits(plain, ids), atol=1e-5)
+    reply = open_model(cards.load_card(card_file), tmp_path, max_new_tokens=5).reply(user("こんにちは"))
+    assert reply == adapted.generate(user("こんにちは"), max_new_tokens=5, temperature=0.0)
+    assert loading.get_model(card_file) is loading.get_model(card_file)
+    loading.clear_cache()
 
 
 def test_loading_errors_say_what_to_do(tmp_path, adapters, tiny_path):
-    with pytest.raises(gen.ModelNotFoundError, match="does not exist"):
-        gen.load(tmp_path / "missing-folder")
-    with pytest.raises(gen.ModelNotFoundError, match="no local LoRA card"):
-        gen.load("no-such-card", tmp_path)
+    with pytest.raises(sources.ModelNotFoundError, match="does not exist"):
+        loading.load(tmp_path / "missing-folder")
+    with pytest.raises(sources.ModelNotFoundError, match="no local LoRA card"):
+        loading.load("no-such-card", tmp_path)
     card_file = _write_card(tmp_path, "gone", adapters["a"])
     shutil.rmtree(cards.models_dir(tmp_path) / "gone")
-    with pytest.raises(gen.ModelNotFoundError, match="re-run 02_finetune"):
-        gen.load(card_file)
+    with pytest.raises(sources.ModelNotFoundError, match="re-run 02_finetune"):
+        loading.load(card_file)
     openai_card = cards.new_card(kind="openai", model_id="ft:gpt-4o-mini:x", base_model="gpt-4o-mini",
                                  training_params={})
     with pytest.raises(ValueError, match="openai_ft.chat"):
-        gen.load(openai_card)
+        loading.load(openai_card)
 
     # a mismatched base: asked for by name, or recorded by the adapter but of another shape
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -331,41 +337,41 @@ def test_loading_errors_say_what_to_do(tmp_path, adapters, tiny_path):
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
     LlamaForCausalLM(config).save_pretrained(other)
     AutoTokenizer.from_pretrained(tiny_path).save_pretrained(other)
-    with pytest.raises(gen.BaseModelMismatchError, match="trained on"):
-        gen.load(adapters["a"], base_model=str(other))
+    with pytest.raises(sources.BaseModelMismatchError, match="trained on"):
+        loading.load(adapters["a"], base_model=str(other))
     moved = shutil.copytree(adapters["a"], tmp_path / "moved")
     config_file = moved / "adapter_config.json"
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()),
                                        "base_model_name_or_path": str(other)}))
-    with pytest.raises(gen.BaseModelMismatchError, match="size mismatch"):
-        gen.load(moved)
+    with pytest.raises(sources.BaseModelMismatchError, match="size mismatch"):
+        loading.load(moved)
 
     # corrupt adapter files
     broken = shutil.copytree(adapters["a"], tmp_path / "broken")
     weights = (broken / "adapter_model.safetensors").read_bytes()
     (broken / "adapter_model.safetensors").write_bytes(weights[: len(weights) // 2])
-    with pytest.raises(gen.CorruptAdapterError, match="corrupt or truncated"):
-        gen.load(broken)
+    with pytest.raises(sources.CorruptAdapterError, match="corrupt or truncated"):
+        loading.load(broken)
     (broken / "adapter_model.safetensors").write_bytes(b"not a safetensors file at all")
-    with pytest.raises(gen.CorruptAdapterError):
-        gen.load(broken)
+    with pytest.raises(sources.CorruptAdapterError):
+        loading.load(broken)
     (broken / "adapter_model.safetensors").write_bytes(weights)
     (broken / "adapter_config.json").write_text("{not json")
-    with pytest.raises(gen.CorruptAdapterError, match="adapter_config.json is corrupt"):
-        gen.load(broken)
+    with pytest.raises(sources.CorruptAdapterError, match="adapter_config.json is corrupt"):
+        loading.load(broken)
     (broken / "adapter_config.json").unlink()
-    with pytest.raises(gen.ModelNotFoundError, match="neither an adapter folder"):
-        gen.load(broken)
+    with pytest.raises(sources.ModelNotFoundError, match="neither an adapter folder"):
+        loading.load(broken)
 
 
 def test_pick_model_falls_back_to_a_labelled_untrained_adapter(tmp_path, adapters):
     notes: list[str] = []
-    source, label = gen.pick_model("lora-tiny", tmp_path, log=notes.append)
+    source, label = demo.pick_model("lora-tiny", tmp_path, log=notes.append)
     assert "UNTRAINED" in label and "02_finetune" in " ".join(notes)
     assert (Path(source) / "adapter_config.json").is_file()
     assert "never trained" in (Path(source) / "README.md").read_text(encoding="utf-8")
     _write_card(tmp_path, "lora-real", adapters["a"])
-    source, label = gen.pick_model("lora-tiny", tmp_path, log=notes.append)
+    source, label = demo.pick_model("lora-tiny", tmp_path, log=notes.append)
     assert "lora-real" in label and Path(source).name == "lora-real.json"
-    with pytest.raises(gen.ModelNotFoundError):
-        gen.pick_model(None, tmp_path / "empty", fallback=False, log=notes.append)
+    with pytest.raises(sources.ModelNotFoundError):
+        demo.pick_model(None, tmp_path / "empty", fallback=False, log=notes.append)

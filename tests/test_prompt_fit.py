@@ -1,4 +1,4 @@
-"""Prompt fitting (generate.fit_messages): linear in the conversation's length, whole turns cut
+"""Prompt fitting (prompts.fit_messages): linear in the conversation's length, whole turns cut
 from the oldest, the system prompt kept, and an error instead of a cut when truncation is off."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from kokoro_helpers.local import generate as gen  # noqa: E402
+from kokoro_helpers.local import prompts, weights  # noqa: E402
 from kokoro_helpers.local.tiny_model import build_tiny_model  # noqa: E402
 
 SYSTEM = "あなたは心理カウンセラーです。"
@@ -14,7 +14,7 @@ SYSTEM = "あなたは心理カウンセラーです。"
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return gen._load_tokenizer(build_tiny_model(progress=False))
+    return weights.load_tokenizer(build_tiny_model(progress=False))
 
 
 class CountingTokenizer:
@@ -46,8 +46,8 @@ def conversation(turns: int, last: str = "最後の質問です。") -> list[dic
 @pytest.mark.parametrize("turns", [50, 500, 5000])
 def test_fitting_makes_a_constant_number_of_tokenizer_calls(tokenizer, turns):
     counting = CountingTokenizer(tokenizer)
-    full_chars = len(gen.render_prompt(tokenizer, conversation(turns)))
-    fitted = gen.fit_messages(counting, conversation(turns), 300)
+    full_chars = len(prompts.render_prompt(tokenizer, conversation(turns)))
+    fitted = prompts.fit_messages(counting, conversation(turns), 300)
     assert counting.calls <= 8                          # not one re-encoding per dropped message
     assert counting.chars <= 3 * full_chars             # and each character tokenized a bounded number of times
     assert len(fitted.ids) <= 300 and fitted.dropped > 0 and fitted.cut_tokens == 0
@@ -56,7 +56,7 @@ def test_fitting_makes_a_constant_number_of_tokenizer_calls(tokenizer, turns):
 
 def test_whole_turns_go_from_the_oldest_and_the_system_prompt_stays(tokenizer):
     msgs = conversation(40)
-    fitted = gen.fit_messages(tokenizer, msgs, 200)
+    fitted = prompts.fit_messages(tokenizer, msgs, 200)
     kept = tokenizer.decode(fitted.ids)
     assert fitted.dropped % 2 == 0                       # user + assistant pairs
     assert kept.startswith("<|im_start|>system\n" + SYSTEM)
@@ -65,23 +65,23 @@ def test_whole_turns_go_from_the_oldest_and_the_system_prompt_stays(tokenizer):
     assert f"相談{first_kept}です" in kept and f"返答{first_kept - 1}です" not in kept
     # the kept prompt is exactly what encoding the kept messages gives, and nothing more could fit
     kept_msgs = [msgs[0]] + msgs[1 + fitted.dropped:]
-    assert fitted.ids == gen.encode_prompt(tokenizer, kept_msgs)
+    assert fitted.ids == prompts.encode_prompt(tokenizer, kept_msgs)
     one_more = [msgs[0]] + msgs[1 + fitted.dropped - 2:]
-    assert len(gen.encode_prompt(tokenizer, one_more)) > 200 - 12    # at most about one turn of room left
+    assert len(prompts.encode_prompt(tokenizer, one_more)) > 200 - 12    # at most about one turn of room left
 
 
 def test_no_truncation_raises_context_length_error(tokenizer):
     msgs = conversation(40)
-    full = len(gen.encode_prompt(tokenizer, msgs))
-    with pytest.raises(gen.ContextLengthError) as info:
-        gen.fit_messages(tokenizer, msgs, 100, truncate=False)
+    full = len(prompts.encode_prompt(tokenizer, msgs))
+    with pytest.raises(prompts.ContextLengthError) as info:
+        prompts.fit_messages(tokenizer, msgs, 100, truncate=False)
     assert info.value.prompt_tokens == full and info.value.max_prompt_tokens == 100
-    fitted = gen.fit_messages(tokenizer, msgs, full, truncate=False)      # fits exactly: untouched
+    fitted = prompts.fit_messages(tokenizer, msgs, full, truncate=False)      # fits exactly: untouched
     assert not fitted.truncated and len(fitted.ids) == full
 
 
 def test_a_last_message_too_long_alone_is_cut_from_the_left(tokenizer):
     msgs = conversation(3, last="とても長い相談です。" * 200)
-    fitted = gen.fit_messages(tokenizer, msgs, 64)
+    fitted = prompts.fit_messages(tokenizer, msgs, 64)
     assert len(fitted.ids) == 64 and fitted.cut_tokens > 0 and fitted.dropped == 6
-    assert gen.fit_prompt(tokenizer, msgs, 64) == (fitted.ids, 6)
+    assert prompts.fit_prompt(tokenizer, msgs, 64) == (fitted.ids, 6)

@@ -136,10 +136,10 @@ def test_unknown_id_in_a_fresh_process(tmp_path):
 
 def test_a_local_lora_card_answers_through_the_same_interface(tmp_path, capsys, monkeypatch):
     torch = pytest.importorskip("torch")
-    from kokoro_helpers.local import generate as gen
+    from kokoro_helpers.local.export import init_adapter
     from kokoro_helpers.models.open import open_model
 
-    gen.init_adapter(tmp_path / "models" / "lora-tiny", seed=3)
+    init_adapter(tmp_path / "models" / "lora-tiny", seed=3)
     write_card(tmp_path, "lora-tiny", LORA_CARD)
     monkeypatch.setattr(open_mod, "hosted_client", lambda *a, **k: pytest.fail("a local card asked for an API client"))
     torch.manual_seed(0)

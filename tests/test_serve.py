@@ -20,7 +20,8 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from kokoro_helpers.local import generate as gen  # noqa: E402
+from kokoro_helpers.local import export, loading  # noqa: E402
+from kokoro_helpers.local import model as local_model  # noqa: E402
 from kokoro_helpers.local import serve  # noqa: E402
 from kokoro_helpers.local.serve_app import create_app  # noqa: E402
 from kokoro_helpers.local.serve_protocol import Limits, apply_stop  # noqa: E402
@@ -42,13 +43,13 @@ def one_thread():
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory) -> Path:
     build_tiny_model(progress=False)
-    return gen.init_adapter(tmp_path_factory.mktemp("serve") / "lora-serve", seed=5)
+    return export.init_adapter(tmp_path_factory.mktemp("serve") / "lora-serve", seed=5)
 
 
 @pytest.fixture(scope="module")
-def lm(adapter, tmp_path_factory) -> gen.LocalModel:
-    model = gen.load(adapter, device="cpu")
-    model.add_adapter(gen.init_adapter(tmp_path_factory.mktemp("serve-b") / "other", seed=6), name="other")
+def lm(adapter, tmp_path_factory) -> local_model.LocalModel:
+    model = loading.load(adapter, device="cpu")
+    model.add_adapter(export.init_adapter(tmp_path_factory.mktemp("serve-b") / "other", seed=6), name="other")
     return model
 
 
@@ -295,7 +296,8 @@ def test_fitting_runs_outside_the_model_lock(roomy, monkeypatch):
     answered: fitting does not hold the model."""
     import threading
 
-    real = gen.fit_messages
+    from kokoro_helpers.local import serve_model
+    real = serve_model.fit_messages
     gate, entered, order = threading.Event(), threading.Event(), []
 
     def gated(tokenizer, messages, room, **kw):
@@ -304,7 +306,7 @@ def test_fitting_runs_outside_the_model_lock(roomy, monkeypatch):
             assert gate.wait(60)
         return real(tokenizer, messages, room, **kw)
 
-    monkeypatch.setattr(gen, "fit_messages", gated)
+    monkeypatch.setattr(serve_model, "fit_messages", gated)
     with ThreadPoolExecutor(2) as pool:
         big = pool.submit(lambda: (post(roomy, {"model": "lora-serve", "messages": long_conversation(10_000)}),
                                    order.append("big"))[0])
@@ -320,7 +322,7 @@ def test_abandoned_requests_stop_generating(lm, monkeypatch):
     """Three clients that give up on long non-streaming replies, and one that hangs up a stream:
     their generations are cancelled (a few tokens each), so the next request does not wait."""
 
-    real = gen.stream_generate
+    real = local_model.stream_generate
     runs: list[dict] = []
 
     def long_stream(model, tokenizer, messages, **kw):      # every reply as long as max_tokens allows
@@ -334,7 +336,7 @@ def test_abandoned_requests_stop_generating(lm, monkeypatch):
         finally:
             record["cancelled"] = kw["cancel"].is_set()
 
-    monkeypatch.setattr(gen, "stream_generate", long_stream)
+    monkeypatch.setattr(local_model, "stream_generate", long_stream)
     with serve.ServerThread(create_app(lm, temperature=0.0)) as srv:
         def abandon(_):
             with pytest.raises(httpx.ReadTimeout):

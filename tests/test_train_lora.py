@@ -360,15 +360,16 @@ def test_a_random_real_architecture_folder_trains_loads_generates_and_merges_in_
     import torch
     from transformers import AutoModelForCausalLM
 
-    from kokoro_helpers.local import generate
+    from kokoro_helpers.local.export import merge_and_export
+    from kokoro_helpers.local.loading import load
 
     small_run, base = qwen2_run
     card = cards.load_card(small_run / "models" / "qwen2-rand.json")
     assert card["training_metrics"]["global_step"] == -(-card["training_data"]["train"]["sequences"] // 2)
-    lm = generate.load("qwen2-rand", run_dir=small_run)
+    lm = load("qwen2-rand", run_dir=small_run)
     reply = lm.generate([{"role": "user", "content": "こんにちは"}], max_new_tokens=4)
     assert isinstance(reply, str)
-    out = generate.merge_and_export("qwen2-rand", tmp_path / "merged", run_dir=small_run)
+    out = merge_and_export("qwen2-rand", tmp_path / "merged", run_dir=small_run)
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert merged.dtype == torch.bfloat16                              # the base's dtype, not the CPU's fp32
     assert json.loads((out / "merge_info.json").read_text())["dtype"] == "bfloat16"

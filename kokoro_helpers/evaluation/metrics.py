@@ -266,7 +266,7 @@ def perplexity_of_references(model: Any, tokenizer: Any, items: Sequence[Item], 
     """Mean token negative log-likelihood of each real reply given its context, for a Hugging Face
     causal LM and a tokenizer with a chat template.
 
-    The prompt is rendered as generation renders it (`generate.render_prompt`: the chat template
+    The prompt is rendered as generation renders it (`prompts.render_prompt`: the chat template
     with the generation prompt and the adapter's system_prompt_mode); prompt + reference are
     tokenized as one text (no special tokens added: the template writes its own BOS), and the
     tokens whose characters lie in the reference are scored — so the ids are the tokenizer's own
@@ -284,7 +284,7 @@ def perplexity_of_references(model: Any, tokenizer: Any, items: Sequence[Item], 
     limit = max_length or getattr(getattr(model, "config", None), "max_position_embeddings", None)
     encoded = []
     truncated = skipped = 0
-    from kokoro_helpers.local.generate import render_prompt   # the prompt exactly as generation renders it
+    from kokoro_helpers.local.prompts import render_prompt   # the prompt exactly as generation renders it
 
     for it in items:
         prompt_ids, ref_ids = _split_ids(tokenizer, render_prompt(tokenizer, list(it["context"])), it["reference"])

@@ -1116,7 +1116,7 @@ def chat(card_or_model_id: Any, messages: Iterable[dict[str, Any]], client: Any 
          temperature: float = 0.7, system: str | None = None, deployment: str | None = None) -> str:
     """One reply of a saved model to `messages`. `card_or_model_id`: a card (dict or path) or a model id.
     `system` replaces/adds the system message; otherwise the card's training system prompt is added
-    when the messages have none. Local LoRA cards go to kokoro_helpers.local.generate.chat_local."""
+    when the messages have none. Local LoRA cards go to kokoro_helpers.local.loading.chat_local."""
     card = _as_card(card_or_model_id)
     msgs = [dict(m) for m in messages]
     prompt = system if system is not None else card.get("system_prompt")
@@ -1126,9 +1126,9 @@ def chat(card_or_model_id: Any, messages: Iterable[dict[str, Any]], client: Any 
         msgs.insert(0, {"role": "system", "content": prompt})
     if card.get("kind") == "local_lora":
         try:
-            from kokoro_helpers.local.generate import chat_local
+            from kokoro_helpers.local.loading import chat_local
         except ModuleNotFoundError as exc:
-            if exc.name and exc.name.endswith("kokoro_helpers.local.generate"):
+            if exc.name and exc.name.endswith("kokoro_helpers.local.loading"):
                 raise LocalModelUnavailable(
                     "local LoRA models are served by notebook 04 / `kokoro_helpers.local.serve`; "
                     "kokoro_helpers.local.generate is not in this checkout yet") from None

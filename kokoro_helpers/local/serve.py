@@ -50,7 +50,8 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from kokoro_helpers.local.generate import DEFAULT_RUN_DIR, LocalModel
+from kokoro_helpers.local.model import LocalModel
+from kokoro_helpers.paths import DEFAULT_RUN_DIR
 from kokoro_helpers.local.serve_app import close_app, create_app
 from kokoro_helpers.local.serve_model import LOAD_ERRORS, ServedModel, adapter_source, lora_rank
 from kokoro_helpers.local.serve_protocol import Limits

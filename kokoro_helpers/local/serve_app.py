@@ -11,7 +11,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Mapping
 
-from kokoro_helpers.local.generate import BASE_ADAPTER, DEFAULT_RUN_DIR, LocalModel
+from kokoro_helpers.local.model import BASE_ADAPTER, LocalModel
+from kokoro_helpers.paths import DEFAULT_RUN_DIR
 from kokoro_helpers.local.serve_jobs import Job, collect, job_stream, sse
 from kokoro_helpers.local.serve_model import ServedModel
 from kokoro_helpers.local.serve_protocol import (CHAT_REQUEST_SCHEMA, IGNORED_FIELDS, APIError, Limits, apply_stop,
@@ -25,9 +26,9 @@ def create_app(model: ServedModel | LocalModel | Any, *, run_dir: str | Path = D
                api_key: str | None = None, limits: Limits | None = None,
                allowed_hosts: list[str] | tuple[str, ...] | None = None,
                cors_origins: list[str] | tuple[str, ...] | None = None, **load_kwargs: Any):
-    """The FastAPI app serving ``model`` (a :class:`~kokoro_helpers.local.generate.LocalModel`, a
+    """The FastAPI app serving ``model`` (a :class:`~kokoro_helpers.local.model.LocalModel`, a
     :class:`~kokoro_helpers.local.serve_model.ServedModel`, or anything
-    :func:`~kokoro_helpers.local.generate.load` accepts: a card name in ``run_dir``, a card, a folder).
+    :func:`~kokoro_helpers.local.loading.load` accepts: a card name in ``run_dir``, a card, a folder).
 
     ``max_tokens``/``temperature``/``top_p``: defaults for requests that omit them (OpenAI's
     defaults are temperature 1 and top_p 1). ``api_key``: when given, requests must send

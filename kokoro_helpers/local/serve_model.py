@@ -11,11 +11,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from kokoro_helpers.local import generate as gen
-from kokoro_helpers.local.generate import BASE_ADAPTER, DEFAULT_RUN_DIR, LocalModel
+from kokoro_helpers.local.loading import load
+from kokoro_helpers.local.model import BASE_ADAPTER, LocalModel
+from kokoro_helpers.local.prompts import ContextLengthError, FittedPrompt, context_length, fit_messages
+from kokoro_helpers.local.sources import ModelLoadError, ModelSource, read_adapter_config, resolve_source
+from kokoro_helpers.paths import DEFAULT_RUN_DIR
 from kokoro_helpers.local.serve_protocol import APIError
 
-LOAD_ERRORS = (gen.ModelLoadError, ValueError, OSError)    # what a model that cannot be served raises on load
+LOAD_ERRORS = (ModelLoadError, ValueError, OSError)    # what a model that cannot be served raises on load
 
 
 def served_models(lm: LocalModel, served_name: str | None = None) -> dict[str, str]:
@@ -39,33 +42,33 @@ def base_model_id(lm: LocalModel) -> str:
 
 def generation_error(exc: BaseException) -> APIError:
     """What the client is told when a generation raised ``exc``."""
-    if isinstance(exc, gen.ContextLengthError):
+    if isinstance(exc, ContextLengthError):
         return APIError(400, str(exc), "messages", "context_length_exceeded")
     if isinstance(exc, (ValueError, TypeError)):
         return APIError(400, f"{type(exc).__name__}: {exc}", None, "invalid_value")
     return APIError(500, f"generation failed: {type(exc).__name__}: {exc}")
 
 
-def adapter_source(lm_or_source: LocalModel | Any, run_dir: str | Path = DEFAULT_RUN_DIR) -> "gen.ModelSource | None":
+def adapter_source(lm_or_source: LocalModel | Any, run_dir: str | Path = DEFAULT_RUN_DIR) -> "ModelSource | None":
     """The adapter a loaded model serves (its active one; None when the base is active), or the
     source a card name, card or folder names."""
     if isinstance(lm_or_source, LocalModel):
         info = lm_or_source.adapters.get(lm_or_source.active)
         return info.source if info is not None else None
-    return gen.resolve_source(lm_or_source, run_dir)
+    return resolve_source(lm_or_source, run_dir)
 
 
 def lora_rank(adapter_dir: Path) -> int:
     """The LoRA rank ``r`` an adapter folder records (8 when it records none)."""
-    return int(gen._read_adapter_config(adapter_dir).get("r", 8) or 8)
+    return int(read_adapter_config(adapter_dir).get("r", 8) or 8)
 
 
 class ServedModel:
-    """A loaded :class:`~kokoro_helpers.local.generate.LocalModel` behind the few calls the server makes."""
+    """A loaded :class:`~kokoro_helpers.local.model.LocalModel` behind the few calls the server makes."""
 
     def __init__(self, lm: LocalModel):
         self.lm = lm
-        self.context_length: int | None = gen.context_length(lm.model, lm.tokenizer)
+        self.context_length: int | None = context_length(lm.model, lm.tokenizer)
         self.device = str(lm.device)
         self.dtype = str(lm.dtype).replace("torch.", "")
         self.fingerprint = f"kokoro-{self.device}-{self.dtype}"
@@ -74,17 +77,17 @@ class ServedModel:
     def of(cls, model: "ServedModel | LocalModel | Any", run_dir: str | Path = DEFAULT_RUN_DIR,
            **load_kwargs: Any) -> "ServedModel":
         """``model`` as served: a ServedModel as it is, a LocalModel wrapped, anything else loaded
-        with :func:`~kokoro_helpers.local.generate.load` (a card name in ``run_dir``, a card, a folder)."""
+        with :func:`~kokoro_helpers.local.loading.load` (a card name in ``run_dir``, a card, a folder)."""
         if isinstance(model, ServedModel):
             return model
-        return cls(model if isinstance(model, LocalModel) else gen.load(model, run_dir, **load_kwargs))
+        return cls(model if isinstance(model, LocalModel) else load(model, run_dir, **load_kwargs))
 
     @classmethod
     def load(cls, source: Any, run_dir: str | Path = DEFAULT_RUN_DIR, *, adapters: Iterable[tuple[str, str]] = (),
              **load_kwargs: Any) -> "ServedModel":
         """Load ``source`` and put each (name, path) of ``adapters`` on the same base; raises one of
         :data:`LOAD_ERRORS` when that cannot be done."""
-        lm = gen.load(source, run_dir, **load_kwargs)
+        lm = load(source, run_dir, **load_kwargs)
         for name, path in adapters:
             lm.add_adapter(path, name=name, run_dir=run_dir)
         return cls(lm)
@@ -106,7 +109,7 @@ class ServedModel:
         return self.lm.describe()
 
     # ----------------------------------------------------------------- generation
-    def fit(self, req: dict[str, Any]) -> "gen.FittedPrompt":
+    def fit(self, req: dict[str, Any]) -> "FittedPrompt":
         """The prompt of a parsed request, fitted into the context next to its reply. Runs without
         the model's lock (only the tokenizer), linear in the conversation's length."""
         ctx = self.context_length
@@ -114,8 +117,8 @@ class ServedModel:
         info = self.lm.adapters.get(req["adapter"])
         tokenizer = info.tokenizer if info is not None else self.lm.base_tokenizer
         try:
-            return gen.fit_messages(tokenizer, req["messages"], room, truncate=req["truncate"])
-        except gen.ContextLengthError as exc:
+            return fit_messages(tokenizer, req["messages"], room, truncate=req["truncate"])
+        except ContextLengthError as exc:
             raise APIError(400, f"This model's maximum context length is {ctx} tokens. However, your messages "
                            f"resulted in {exc.prompt_tokens} tokens (and {req['max_new_tokens']} are kept for the "
                            "completion). Please reduce the length of the messages or of "
@@ -138,7 +141,7 @@ class ServedModel:
         finally:
             lock.release()
 
-    def stream(self, fitted: "gen.FittedPrompt", adapter: str, details: dict[str, Any], cancel: threading.Event,
+    def stream(self, fitted: "FittedPrompt", adapter: str, details: dict[str, Any], cancel: threading.Event,
                **settings: Any) -> Iterator[str]:
         """The reply's text deltas (call it inside :meth:`turn`); ``details`` gets the finish
         reason and token counts; ``cancel`` stops it at the next token."""

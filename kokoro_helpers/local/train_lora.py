@@ -723,7 +723,7 @@ class LoraRun:
             tmp.mkdir(parents=True)
             with quiet_transformers():
                 self.trainer.accelerator.unwrap_model(self.model).save_pretrained(tmp)
-                # generation must give the template the messages as training did (generate.render_prompt)
+                # generation must give the template the messages as training did (prompts.render_prompt)
                 self.tokenizer.init_kwargs[SYSTEM_PROMPT_MODE_KEY] = self.encoder.system_prompt_mode
                 self.tokenizer.save_pretrained(tmp)
             portable_tokenizer_files(tmp)

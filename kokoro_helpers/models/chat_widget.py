@@ -31,7 +31,7 @@ from typing import Any, Mapping, Sequence
 from kokoro_helpers import widget_view
 from kokoro_helpers.display import chat_html
 from kokoro_helpers.models.base import ChatModel
-from kokoro_helpers.models.local import BASE as BASE_ADAPTER
+from kokoro_helpers.local.model import BASE_ADAPTER
 from kokoro_helpers.models.local import LocalChatModel
 from kokoro_helpers.models.open import open_model
 from kokoro_helpers.paths import DEFAULT_RUN_DIR
@@ -97,7 +97,7 @@ class ChatWidget:
         self.run_dir = run_dir
         self.history_turns = int(history_turns)
         if system_prompt is None:
-            from kokoro_helpers.local.generate import system_prompt_of
+            from kokoro_helpers.local.demo import system_prompt_of
             system_prompt = system_prompt_of(run_dir)
         self.system_prompt = system_prompt or None
         self.settings = {"max_new_tokens": int(max_new_tokens), "temperature": float(temperature),
@@ -163,7 +163,7 @@ class ChatWidget:
     def _registry_entry_of(self, value: Any) -> str | None:
         """For a LocalModel whose active adapter is a card already in the picker: that entry (and
         its base entry) now use the loaded model instead of loading it a second time."""
-        from kokoro_helpers.local.generate import LocalModel
+        from kokoro_helpers.local.model import LocalModel
 
         if not isinstance(value, LocalModel) or value.active not in value.adapters:
             return None

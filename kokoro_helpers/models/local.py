@@ -1,5 +1,5 @@
 """A chat model on this machine: a LoRA adapter on its base (transformers + peft), the base alone, or a full
-model folder — loaded lazily (a fully cached 03 run never loads it) through `kokoro_helpers.local.generate`'s
+model folder — loaded lazily (a fully cached 03 run never loads it) through `kokoro_helpers.local.loading`'s
 cache, so the chat widget, 03 and the saved-models CLI share one copy of a model in memory."""
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from kokoro_helpers.jsonio import file_sha256
+from kokoro_helpers.local.model import BASE_ADAPTER
 from kokoro_helpers.models.base import ChatModel, Messages, ModelError, OnResult, check_overrides
 from kokoro_helpers.paths import DEFAULT_RUN_DIR
 from kokoro_helpers.progress import tqdm
 
-BASE = "base"          # the adapter name meaning "adapter off" (kokoro_helpers.local.generate.BASE_ADAPTER)
 
 
 def _sha256_if_small(path: Path, limit: int = 1 << 30) -> str | None:
@@ -102,7 +102,7 @@ class LocalChatModel(ChatModel):
     def local_model(self) -> Any:
         """The loaded LocalModel (loaded on first use; shared through the loader's cache)."""
         if self._lm is None:
-            from kokoro_helpers.local.generate import get_model
+            from kokoro_helpers.local.loading import get_model
             source = self.card_path if self.card_path is not None else (self.card or self.source)
             self._lm = get_model(source, self.run_dir)
         return self._lm
@@ -110,7 +110,7 @@ class LocalChatModel(ChatModel):
     @property
     def adapter(self) -> str | None:
         """The adapter to generate with: "base" (adapter off) for a baseline, else the loaded one."""
-        return BASE if self.base_only else None
+        return BASE_ADAPTER if self.base_only else None
 
     def _kwargs(self, overrides: Mapping[str, Any]) -> dict[str, Any]:
         check_overrides(overrides)
