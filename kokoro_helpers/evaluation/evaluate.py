@@ -653,11 +653,12 @@ def default_client(max_retries: int = 5, timeout: float = 120.0, log: Log = prin
                    provider: str = "openai") -> Any | None:
     """An OpenAI (or, provider="azure", Azure OpenAI) client when its key is set (environment or .env),
     else None (and a note). The key is read by the SDK from the environment; it is never a parameter."""
-    from kokoro_helpers.hosted import openai_ft
-    if not (openai_ft.has_api_key() if provider == "openai" else openai_ft.has_api_key(provider)):
-        _say(log, f"{openai_ft.KEY_ENV[provider]} is not set (environment or .env): {provider} models are skipped.")
+    from kokoro_helpers.hosted.client import has_api_key, make_client
+    from kokoro_helpers.hosted.errors import KEY_ENV
+    if not (has_api_key() if provider == "openai" else has_api_key(provider)):
+        _say(log, f"{KEY_ENV[provider]} is not set (environment or .env): {provider} models are skipped.")
         return None
-    return openai_ft.make_client(max_retries=max_retries, timeout=timeout, provider=provider)
+    return make_client(max_retries=max_retries, timeout=timeout, provider=provider)
 
 
 def endpoint_client(base_url: str, api_key_env: str | None = None, max_retries: int = 2,

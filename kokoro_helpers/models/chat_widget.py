@@ -10,7 +10,7 @@
   :func:`kokoro_helpers.display.chat_html`); the model sees the system prompt, the last
   ``history_turns`` exchanges (the seed kept 3) and the new message.
 - Local models stream their tokens into the chat as they are generated; OpenAI models answer
-  in one piece (through :func:`kokoro_helpers.hosted.openai_ft.chat`, which reads the key from the
+  in one piece (through :func:`kokoro_helpers.hosted.chat.chat`, which reads the key from the
   environment or ``.env``).
 - The model picker lists the run's ``local_lora`` cards (and each adapter's base, adapter off,
   as a baseline), plus its OpenAI fine-tuned models when ``OPENAI_API_KEY`` is set.
@@ -72,7 +72,7 @@ class ChatModel:
         if self.kind == "function":
             return str(self.fn(list(messages), **settings))
         if self.kind == "openai":
-            from kokoro_helpers.hosted.openai_ft import chat
+            from kokoro_helpers.hosted.chat import chat
             return chat(self.source, messages, max_tokens=settings["max_new_tokens"],
                         temperature=settings["temperature"])
         lm = self.local_model()
@@ -95,7 +95,7 @@ def available_models(run_dir: str | Path = DEFAULT_RUN_DIR, include_openai: bool
     from kokoro_helpers import cards
 
     if include_openai is None:
-        from kokoro_helpers.hosted.openai_ft import has_api_key
+        from kokoro_helpers.hosted.client import has_api_key
         include_openai = has_api_key()
     models: dict[str, ChatModel] = {}
     bases: dict[str, ChatModel] = {}

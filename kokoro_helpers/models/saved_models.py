@@ -12,7 +12,7 @@ local LoRA models (kind "local_lora") through kokoro_helpers.local.generate. Bad
 one line on stderr and a non-zero exit, never a traceback (KOKORO_DEBUG=1 shows it).
 
 From Python: `list_models(run_dir)`, `load_model(run_dir, model_id=... | latest=True | model_file=...)`,
-then `kokoro_helpers.hosted.openai_ft.chat(card, messages)`.
+then `kokoro_helpers.hosted.chat.chat(card, messages)`.
 """
 from __future__ import annotations
 
@@ -141,12 +141,12 @@ def _client_for(card: dict[str, Any]):
     local cards."""
     if card.get("kind") == "local_lora":
         return None
-    from kokoro_helpers.hosted.openai_ft import client_for_card
+    from kokoro_helpers.hosted.client import client_for_card
     return client_for_card(card)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from kokoro_helpers.hosted.openai_ft import chat
+    from kokoro_helpers.hosted.chat import chat
     if args.list:
         rows = list_models(args.run_dir)
         for problem in scan_cards(args.run_dir)[1]:
@@ -165,7 +165,7 @@ def _run(args: argparse.Namespace) -> int:
     path, card = load_model(args.run_dir, args.model_id, args.use_latest, args.model_file)
     args.provider_ = card.get("provider", "openai")
     if card.get("kind") != "local_lora":
-        from kokoro_helpers.hosted.openai_ft import inference_model
+        from kokoro_helpers.hosted.client import inference_model
         inference_model(card, args.deployment)        # an Azure card without a deployment: say so first
     client = _client_for(card)
     opts = dict(client=client, max_tokens=args.max_tokens, temperature=args.temperature, system=args.system)
@@ -215,8 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _one_line(exc: BaseException, provider: str = "openai") -> str:
-    from kokoro_helpers.hosted.errors import explain, redact
-    from kokoro_helpers.hosted.openai_ft import OpenAIFTError
+    from kokoro_helpers.hosted.errors import OpenAIFTError, explain, redact
     try:
         import openai
         if isinstance(exc, openai.APIError):
