@@ -60,6 +60,8 @@ class JobMonitor:
 
     def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """fn(...) retried on transient errors (after the SDK's own retries) with exponential backoff."""
+        # not a copy of the SDK's retries: those span seconds, while a job runs for hours, so an outage of
+        # minutes is waited out here (up to max_errors in a row, backoff up to 5 min) and then one message
         while True:
             try:
                 out = fn(*args, **kwargs)
