@@ -111,7 +111,7 @@ def test_judge_endpoint_connection_refused_never_crashes(tmp_path):
 def test_resolve_judge_settings(monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("KOKORO_OPENAI_DRY_RUN", raising=False)
-    monkeypatch.setattr("kokoro_helpers.hosted.openai_ft.load_env", lambda *a, **k: None)
+    monkeypatch.setattr("kokoro_helpers.hosted.client.load_env", lambda *a, **k: None)
     notes = []
     assert je.resolve_judge(None, log=notes.append) is None and "judge: null" in notes[-1]
     assert je.resolve_judge({"model": "gpt-x"}, log=notes.append) is None and "OPENAI_API_KEY" in notes[-1]

@@ -493,8 +493,8 @@ def _cards(run_dir: Path):
 def test_models_from_run(run_dir, monkeypatch):
     _cards(run_dir)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    from kokoro_helpers.hosted import openai_ft
-    monkeypatch.setattr(openai_ft, "has_api_key", lambda provider="openai": False)
+    from kokoro_helpers.hosted import client as hosted_client
+    monkeypatch.setattr(hosted_client, "has_api_key", lambda provider="openai": False)
     log = []
     rs = models_from_run(run_dir, extra_endpoints=[{"base_url": "http://127.0.0.1:9/v1", "model": "served"}],
                             progress=False, log=log.append)

@@ -14,7 +14,19 @@ import httpx2
 import pytest
 
 from kokoro_helpers import cards
+from kokoro_helpers.hosted import client as hosted_client
 from kokoro_helpers.hosted import openai_ft
+from kokoro_helpers.hosted import submit as hosted_submit
+from kokoro_helpers.models.open import open_model
+from kokoro_helpers.hosted.client import FORCE_DRY_RUN_ENV, describe_mode, has_api_key, make_client, resolve_mode
+from kokoro_helpers.hosted.errors import (CostGuardError, DataError, JobEndedError, JobFailedError, MissingKeyError,
+                                          OpenAIFTError)
+from kokoro_helpers.hosted.job_card import job_cards
+from kokoro_helpers.hosted.monitor import monitor
+from kokoro_helpers.hosted.preflight import fmt_usd, preflight
+from kokoro_helpers.hosted.request import write_job_request
+from kokoro_helpers.hosted.results import plot_loss
+from kokoro_helpers.hosted.submit import cancel, submit
 from kokoro_helpers.data.pipeline import prepare_data
 from kokoro_helpers.data.tokens import estimate_counter
 
@@ -48,13 +60,13 @@ def run_dir(tmp_path, _data_once):
 @pytest.fixture
 def no_key(monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "")       # also shadows any OPENAI_API_KEY in a .env
-    monkeypatch.delenv(openai_ft.FORCE_DRY_RUN_ENV, raising=False)
+    monkeypatch.delenv(FORCE_DRY_RUN_ENV, raising=False)
 
 
 @pytest.fixture
 def with_key(monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
-    monkeypatch.delenv(openai_ft.FORCE_DRY_RUN_ENV, raising=False)
+    monkeypatch.delenv(FORCE_DRY_RUN_ENV, raising=False)
 
 
 class Sleeps(list):
@@ -112,7 +124,7 @@ def test_dry_run_with_key_writes_request_in_method_form_and_sends_nothing(run_di
 def test_whole_flow_429_then_success_card_metrics_and_no_key_written(run_dir, with_key):
     fake = FakeOpenAI(key=SECRET)
     fake.fault("POST", "/files", 429, times=1)            # rate limited once: the SDK retries
-    client = openai_ft.make_client(http_client=httpx2.Client(transport=httpx2.MockTransport(fake.handler)),
+    client = make_client(http_client=httpx2.Client(transport=httpx2.MockTransport(fake.handler)),
                                    base_url=BASE_URL, max_retries=2)
     result = run_ft(run_dir, client)
     assert fake.count("POST", "/files") == 3                # 429 + train + valid
@@ -156,7 +168,7 @@ def test_whole_flow_429_then_success_card_metrics_and_no_key_written(run_dir, wi
 
     import matplotlib
     matplotlib.use("Agg")
-    fig = openai_ft.plot_loss(result.card_path)
+    fig = plot_loss(result.card_path)
     assert fig.axes[0].get_lines()
     assert_key_absent(run_dir)
 
@@ -172,19 +184,29 @@ def test_500s_and_a_timeout_while_polling_are_retried_with_backoff(run_dir, no_k
     assert [s for s in sleeps if s != 1] == [2.0, 4.0, 2.0]   # backoff: 500, 500, (reset) timeout
 
 
+def test_events_beyond_one_page_are_followed_through_the_sdk_pages_and_logged_once(run_dir, no_key):
+    fake = FakeOpenAI(total_steps=250)              # 125 loss events per running poll: pages of 100
+    result = run_ft(run_dir, fake.client())
+    job_id = result.card["job_id"]
+    events = [json.loads(line) for line in (run_dir / result.card["monitor"]["events_file"]).read_text().splitlines()]
+    assert [e["id"] for e in events] == [e["id"] for e in fake.events[job_id]]     # all, oldest first, once
+    polls = fake.count("GET", r"/fine_tuning/jobs/[^/]+")
+    assert fake.count("GET", r"/fine_tuning/jobs/[^/]+/events") >= polls + 2     # the running polls paged
+
+
 def test_failed_job_shows_openai_code_and_message_and_is_not_resubmitted_silently(run_dir, no_key):
     err = {"code": "invalid_training_file", "message": "The file has 3 examples with an unknown role.",
            "param": "training_file"}
     fake = FakeOpenAI(fail_with=err)
-    with pytest.raises(openai_ft.JobFailedError) as info:
+    with pytest.raises(JobFailedError) as info:
         run_ft(run_dir, fake.client())
     assert "invalid_training_file" in str(info.value) and "unknown role" in str(info.value)
     assert info.value.code == "invalid_training_file"
-    (path, card), = openai_ft.job_cards(run_dir)
+    (path, card), = job_cards(run_dir)
     assert card["status"] == "failed" and card["error"]["code"] == "invalid_training_file"
     assert card["model_id"] is None
 
-    with pytest.raises(openai_ft.JobEndedError, match="invalid_training_file"):
+    with pytest.raises(JobEndedError, match="invalid_training_file"):
         run_ft(run_dir, fake.client())
     assert fake.count("POST", "/fine_tuning/jobs") == 1
     fake.fail_with = None
@@ -203,7 +225,7 @@ def test_kernel_restart_mid_monitoring_resumes_the_same_job(run_dir, no_key):
 
     with pytest.raises(KeyboardInterrupt):
         run_ft(run_dir, fake.client(), sleep=Interrupt())
-    (path, card), = openai_ft.job_cards(run_dir)
+    (path, card), = job_cards(run_dir)
     assert card["status"] in ("queued", "running") and card["job_id"]
     seen_before = card["monitor"]["last_event_at"]
     assert seen_before is not None
@@ -240,13 +262,13 @@ def test_identical_data_is_not_uploaded_twice(run_dir, no_key):
 
 def test_cost_guard_refuses_with_the_numbers_before_any_request(run_dir, no_key):
     fake = FakeOpenAI()
-    with pytest.raises(openai_ft.CostGuardError) as info:
+    with pytest.raises(CostGuardError) as info:
         run_ft(run_dir, fake.client(), max_training_cost_usd=0.01, n_epochs=10)
     msg = str(info.value)
     stats = json.loads((run_dir / "data" / "stats.json").read_text())
     billed = 10 * stats["tokens"]["train"]
     assert f"{billed:,} billed tokens" in msg and "10 epochs" in msg and "$0.01" in msg
-    assert openai_ft.fmt_usd(billed * 3 / 1e6) in msg and "max_training_cost_usd" in msg
+    assert fmt_usd(billed * 3 / 1e6) in msg and "max_training_cost_usd" in msg
     assert fake.calls == []
     record = json.loads((run_dir / "openai" / "job_request.json").read_text())
     assert record["cost_guard"]["passes"] is False and record["epochs"] == 10
@@ -254,84 +276,85 @@ def test_cost_guard_refuses_with_the_numbers_before_any_request(run_dir, no_key)
 
 def test_a_job_whose_creation_answer_was_lost_is_adopted_not_duplicated(run_dir, no_key, monkeypatch):
     fake = FakeOpenAI()
-    real = openai_ft.write_job_card
+    real = hosted_submit.write_job_card
 
     def crash(*args, **kwargs):
         raise OSError("disk full (simulated) right after jobs.create")
 
-    monkeypatch.setattr(openai_ft, "write_job_card", crash)
+    monkeypatch.setattr(hosted_submit, "write_job_card", crash)
     with pytest.raises(OSError):
         run_ft(run_dir, fake.client())
     assert (run_dir / "openai" / "pending_job.json").exists()
-    monkeypatch.setattr(openai_ft, "write_job_card", real)
+    monkeypatch.setattr(hosted_submit, "write_job_card", real)
     result = run_ft(run_dir, fake.client())
     assert fake.count("POST", "/fine_tuning/jobs") == 1
     assert result.card["status"] == "succeeded"
 
 
 def test_modes_and_the_missing_key(no_key, monkeypatch):
-    assert openai_ft.resolve_mode("auto") == "dry_run"
-    assert openai_ft.resolve_mode("dry_run") == "dry_run"
-    with pytest.raises(openai_ft.MissingKeyError, match="OPENAI_API_KEY"):
-        openai_ft.resolve_mode("submit")
-    with pytest.raises(openai_ft.MissingKeyError, match="OPENAI_API_KEY"):
-        openai_ft.make_client()
+    assert resolve_mode("auto") == "dry_run"
+    assert resolve_mode("dry_run") == "dry_run"
+    with pytest.raises(MissingKeyError, match="OPENAI_API_KEY"):
+        resolve_mode("submit")
+    with pytest.raises(MissingKeyError, match="OPENAI_API_KEY"):
+        make_client()
     with pytest.raises(ValueError, match="openai_mode"):
-        openai_ft.resolve_mode("yes please")
-    assert openai_ft.resolve_mode("auto", client=object()) == "submit"
+        resolve_mode("yes please")
+    assert resolve_mode("auto", client=object()) == "submit"
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
-    assert openai_ft.resolve_mode("auto") == "submit"
-    assert SECRET not in openai_ft.describe_mode("submit")
-    monkeypatch.setenv(openai_ft.FORCE_DRY_RUN_ENV, "1")
-    assert openai_ft.resolve_mode("submit") == "dry_run"
-    with pytest.raises(openai_ft.OpenAIFTError, match="never a parameter"):
-        openai_ft.make_client(api_key=SECRET)
+    assert resolve_mode("auto") == "submit"
+    assert SECRET not in describe_mode("submit")
+    monkeypatch.setenv(FORCE_DRY_RUN_ENV, "1")
+    assert resolve_mode("submit") == "dry_run"
+    with pytest.raises(OpenAIFTError, match="never a parameter"):
+        make_client(api_key=SECRET)
 
 
 def test_client_from_environment_respects_base_url_and_chat_uses_the_card(with_key, monkeypatch, tmp_path):
     fake = FakeOpenAI(key=SECRET)
     monkeypatch.setenv("OPENAI_BASE_URL", BASE_URL)
-    client = openai_ft.make_client(http_client=httpx2.Client(transport=httpx2.MockTransport(fake.handler)))
+    client = make_client(http_client=httpx2.Client(transport=httpx2.MockTransport(fake.handler)))
     card = cards.new_card("openai", "ft:gpt-4o-mini-2024-07-18:org:kokoro-chat:abc", BASE_MODEL, {},
                           system_prompt="あなたは心理カウンセラーです。")
-    reply = openai_ft.chat(card, [{"role": "user", "content": "こんにちは"}], client, max_tokens=50, temperature=0)
+    model = open_model(card, client=client, max_new_tokens=50, temperature=0)
+    reply = model.reply([{"role": "user", "content": "こんにちは"}])
     assert reply == "お話を聞かせてください。"
     body = fake.bodies[-1][2]
     assert body["model"] == card["model_id"] and body["max_tokens"] == 50 and body["temperature"] == 0
-    assert body["messages"][0] == {"role": "system", "content": "あなたは心理カウンセラーです。"}
-    openai_ft.chat(card, [{"role": "user", "content": "x"}], client, system="別の指示")
-    assert fake.bodies[-1][2]["messages"][0]["content"] == "別の指示"
+    assert body["messages"][0] == {"role": "system", "content": "あなたは心理カウンセラーです。"}   # the card's
+    model.reply([{"role": "system", "content": "別の指示"}, {"role": "user", "content": "x"}])
+    assert [m["content"] for m in fake.bodies[-1][2]["messages"] if m["role"] == "system"] == ["別の指示"]
 
 
 def test_cancel_is_one_call_and_recorded(run_dir, no_key):
     fake = FakeOpenAI()
-    pf = openai_ft.preflight(run_dir, counter=estimate_counter())
-    req = openai_ft.write_job_request(pf, "submit", max_training_cost_usd=5)
-    path = openai_ft.submit(req, fake.client(), log=lambda m: None)
+    pf = preflight(run_dir, counter=estimate_counter())
+    req = write_job_request(pf, "submit", max_training_cost_usd=5)
+    path = submit(req, fake.client(), log=lambda m: None)
     before = len(fake.calls)
-    card = openai_ft.cancel(path, fake.client())
+    card = cancel(path, fake.client())
     assert len(fake.calls) == before + 1 and card["status"] == "cancelled"
-    final = openai_ft.monitor(path, fake.client(), progress=False, sleep=Sleeps(), log=lambda m: None)
+    final = monitor(path, fake.client(), progress=False, sleep=Sleeps(), log=lambda m: None)
     assert final["status"] == "cancelled" and final["model_id"] is None
 
 
 def test_preflight_refuses_bad_or_missing_data(tmp_path, run_dir, counter):
-    with pytest.raises(openai_ft.DataError, match="run 01_data first"):
-        openai_ft.preflight(tmp_path / "nowhere", counter=counter)
+    with pytest.raises(DataError, match="run 01_data first"):
+        preflight(tmp_path / "nowhere", counter=counter)
     train = run_dir / "data" / "train.jsonl"
     lines = train.read_text(encoding="utf-8").splitlines()
     bad = json.loads(lines[0])
     bad["messages"] = [m for m in bad["messages"] if m["role"] != "assistant"]
     train.write_text("\n".join([json.dumps(bad, ensure_ascii=False)] + lines[1:]) + "\n", encoding="utf-8")
-    with pytest.raises(openai_ft.DataError, match="example_missing_assistant_message"):
-        openai_ft.preflight(run_dir, counter=counter)
+    with pytest.raises(DataError, match="example_missing_assistant_message"):
+        preflight(run_dir, counter=counter)
     train.write_text("\n".join(lines[:5]) + "\n", encoding="utf-8")
-    with pytest.raises(openai_ft.DataError, match="at least 10"):
-        openai_ft.preflight(run_dir, counter=counter)
+    with pytest.raises(DataError, match="at least 10"):
+        preflight(run_dir, counter=counter)
 
 
 def test_preflight_caps_long_examples_and_notes_changed_files(run_dir, counter):
-    pf = openai_ft.preflight(run_dir, max_example_tokens=500, n_epochs=2, counter=counter)
+    pf = preflight(run_dir, max_example_tokens=500, n_epochs=2, counter=counter)
     toks = pf.example_tokens["train"]
     assert pf.estimate.tokens_per_epoch == sum(min(500, t) for t in toks)
     assert pf.estimate.capped_examples == sum(t > 500 for t in toks) > 0
@@ -341,26 +364,26 @@ def test_preflight_caps_long_examples_and_notes_changed_files(run_dir, counter):
     assert table.loc["cost (USD)", "note"] == "estimate"
     with open(run_dir / "data" / "valid.jsonl", "a", encoding="utf-8") as f:
         f.write(open(run_dir / "data" / "valid.jsonl", encoding="utf-8").readline())
-    assert any("changed since 01_data" in n for n in openai_ft.preflight(run_dir, counter=counter).notes)
+    assert any("changed since 01_data" in n for n in preflight(run_dir, counter=counter).notes)
 
 
 def test_an_unreadable_job_card_blocks_a_new_job(run_dir, no_key):
     fake = FakeOpenAI()
     (run_dir / "models").mkdir()
     (run_dir / "models" / "openai-kokoro-chat-ftjob-0001.json").write_text("{half a card", encoding="utf-8")
-    with pytest.raises(openai_ft.OpenAIFTError, match="unreadable and may hold a running job"):
+    with pytest.raises(OpenAIFTError, match="unreadable and may hold a running job"):
         run_ft(run_dir, fake.client())
     assert fake.calls == []
 
 
 def test_the_key_may_come_from_dotenv_and_never_overrides_the_environment(tmp_path, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    monkeypatch.delenv(openai_ft.FORCE_DRY_RUN_ENV, raising=False)
-    monkeypatch.setattr(openai_ft, "project_root", lambda: tmp_path)
+    monkeypatch.delenv(FORCE_DRY_RUN_ENV, raising=False)
+    monkeypatch.setattr(hosted_client, "project_root", lambda: tmp_path)
     (tmp_path / ".env").write_text(f"OPENAI_API_KEY={SECRET}\n", encoding="utf-8")
-    assert openai_ft.has_api_key() and openai_ft.resolve_mode("auto") == "submit"
+    assert has_api_key() and resolve_mode("auto") == "submit"
     monkeypatch.setenv("OPENAI_API_KEY", "")               # the environment wins over .env
-    assert not openai_ft.has_api_key() and openai_ft.resolve_mode("auto") == "dry_run"
+    assert not has_api_key() and resolve_mode("auto") == "dry_run"
 
 
 def test_preflight_reads_01s_counts_and_recounts_only_a_file_edited_since(run_dir):
@@ -373,11 +396,11 @@ def test_preflight_reads_01s_counts_and_recounts_only_a_file_edited_since(run_di
 
     from kokoro_helpers.jsonio import read_json
     saved = read_json(run_dir / "data" / "example_tokens.json")
-    pf = openai_ft.preflight(run_dir, counter=Refuses())
+    pf = preflight(run_dir, counter=Refuses())
     assert pf.example_tokens["train"] == saved["splits"]["train"]["tokens"]
     with open(run_dir / "data" / "train.jsonl", "a", encoding="utf-8") as f:
         f.write(open(run_dir / "data" / "train.jsonl", encoding="utf-8").readline())
     with pytest.raises(AssertionError, match="already counted"):
-        openai_ft.preflight(run_dir, counter=Refuses())           # edited: counted again, not trusted
-    again = openai_ft.preflight(run_dir, counter=estimate_counter())
+        preflight(run_dir, counter=Refuses())           # edited: counted again, not trusted
+    again = preflight(run_dir, counter=estimate_counter())
     assert again.example_tokens["train"] == saved["splits"]["train"]["tokens"] + saved["splits"]["train"]["tokens"][:1]

@@ -15,6 +15,15 @@ import pytest
 
 from kokoro_helpers import cards
 from kokoro_helpers.hosted import openai_ft
+from kokoro_helpers.models.open import open_model
+from kokoro_helpers.hosted.client import FORCE_DRY_RUN_ENV, make_client, resolve_mode
+from kokoro_helpers.hosted.errors import (APIFailure, JobEndedError, LookupFailedError, MissingKeyError, OpenAIFTError,
+                                          RunLockedError)
+from kokoro_helpers.hosted.job_card import job_cards
+from kokoro_helpers.hosted.monitor import monitor
+from kokoro_helpers.hosted.preflight import fmt_usd, preflight
+from kokoro_helpers.hosted.request import write_job_request
+from kokoro_helpers.hosted.submit import submit
 from kokoro_helpers.report import index as report
 from kokoro_helpers.hosted.jobs import RunLock
 from kokoro_helpers.models.open import models_from_run
@@ -48,7 +57,7 @@ def short(message: str) -> None:
 @pytest.fixture
 def sk_key(monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", SK)
-    monkeypatch.delenv(openai_ft.FORCE_DRY_RUN_ENV, raising=False)
+    monkeypatch.delenv(FORCE_DRY_RUN_ENV, raising=False)
 
 
 # --- jobs.create is never blindly retried ----------------------------------------------------------------
@@ -77,14 +86,14 @@ def test_a_list_outage_after_a_lost_answer_stops_with_a_message_and_keeps_the_pe
     fake = FakeOpenAI()
     fake.fault("POST", JOBS, 502, after_commit=True)
     fake.fault("GET", JOBS, 503, times=1000)                    # the list is down, even after SDK retries
-    with pytest.raises(openai_ft.LookupFailedError) as info:
+    with pytest.raises(LookupFailedError) as info:
         run_ft(run_dir, fake.client(max_retries=1))
     msg = str(info.value)
     short(msg)
     assert "may already exist" in msg and "pending_job.json is kept" in msg and "No new job" in msg
     assert pending(run_dir).exists() and len(fake.jobs) == 1
     # still down: a re-run looks again and stops again — never a second job
-    with pytest.raises(openai_ft.LookupFailedError):
+    with pytest.raises(LookupFailedError):
         run_ft(run_dir, fake.client(max_retries=0))
     assert fake.count("POST", JOBS) == 1
     fake.faults.clear()
@@ -99,7 +108,7 @@ def test_the_orphan_is_found_beyond_the_first_page(run_dir, no_key):
     fake = FakeOpenAI()
     fake.fault("POST", JOBS, "drop", after_commit=True)
     fake.fault("GET", JOBS, 500, times=1000)
-    with pytest.raises(openai_ft.LookupFailedError):
+    with pytest.raises(LookupFailedError):
         run_ft(run_dir, fake.client(max_retries=0))
     ours = next(iter(fake.jobs))
     fake.faults.clear()
@@ -115,22 +124,22 @@ def test_a_failed_or_cancelled_orphan_is_reported_like_a_known_job(run_dir, no_k
     fake = FakeOpenAI()
     fake.fault("POST", JOBS, 502, after_commit=True)
     fake.fault("GET", JOBS, 503, times=1000)
-    with pytest.raises(openai_ft.LookupFailedError):
+    with pytest.raises(LookupFailedError):
         run_ft(run_dir, fake.client(max_retries=0))
     orphan = next(iter(fake.jobs))
     fake.fail_job(orphan, status=ended, message="Training file has 3 examples with an unknown role.")
     fake.faults.clear()
-    with pytest.raises(openai_ft.JobEndedError) as info:
+    with pytest.raises(JobEndedError) as info:
         run_ft(run_dir, fake.client())
     msg = str(info.value)
     short(msg)
     assert orphan in msg and ended in msg and "openai_new_job: true" in msg and "new_job=True" in msg
     assert fake.count("POST", JOBS) == 1
-    (path, card), = openai_ft.job_cards(run_dir)
+    (path, card), = job_cards(run_dir)
     assert card["job_id"] == orphan and card["status"] == ended
     if ended == "failed":
         assert "unknown role" in msg and card["error"]["code"] == "invalid_training_file"
-    with pytest.raises(openai_ft.JobEndedError):               # known now: the same message, still one job
+    with pytest.raises(JobEndedError):               # known now: the same message, still one job
         run_ft(run_dir, fake.client())
     assert fake.count("POST", JOBS) == 1
     result = run_ft(run_dir, fake.client(), new_job=True)      # only when asked
@@ -164,7 +173,7 @@ def test_an_upload_killed_mid_flight_is_found_by_the_next_run(run_dir, no_key):
     fake = FakeOpenAI()
     fake.fault("POST", "/files", "drop", after_commit=True)
     fake.fault("GET", "/files", 503, times=1000)
-    with pytest.raises(openai_ft.LookupFailedError, match="Nothing is uploaded twice"):
+    with pytest.raises(LookupFailedError, match="Nothing is uploaded twice"):
         run_ft(run_dir, fake.client(max_retries=0))
     ledger = json.loads((run_dir / "openai" / "uploads.json").read_text())
     assert [e["status"] for e in ledger.values()] == ["pending"]          # written before the bytes were sent
@@ -201,11 +210,11 @@ def test_two_runs_on_one_folder_create_one_job(run_dir, no_key):
 
 def test_a_second_run_that_cannot_wait_stops_with_a_message(run_dir, no_key):
     fake = FakeOpenAI()
-    pf = openai_ft.preflight(run_dir, counter=estimate_counter())
-    req = openai_ft.write_job_request(pf, "submit", max_training_cost_usd=5)
+    pf = preflight(run_dir, counter=estimate_counter())
+    req = write_job_request(pf, "submit", max_training_cost_usd=5)
     with RunLock(run_dir, what="submitting"):
-        with pytest.raises(openai_ft.RunLockedError) as info:
-            openai_ft.submit(req, fake.client(), log=lambda m: None, lock_timeout_s=0.2)
+        with pytest.raises(RunLockedError) as info:
+            submit(req, fake.client(), log=lambda m: None, lock_timeout_s=0.2)
     short(str(info.value))
     assert "another run of 02" in str(info.value) and "pid" in str(info.value)
     assert fake.calls == []
@@ -216,9 +225,9 @@ def test_a_second_run_that_cannot_wait_stops_with_a_message(run_dir, no_key):
 def test_a_wrong_key_gets_one_message_naming_where_the_key_comes_from(run_dir, sk_key, capsys):
     fake = FakeOpenAI(key="sk-" + "proj-the-right-one-000000000000")
     part = openai_ft.PartA(run_dir, client=fake.client(key=SK))
-    pf = openai_ft.preflight(run_dir, counter=estimate_counter())
+    pf = preflight(run_dir, counter=estimate_counter())
     assert part.resolve_mode("auto") == "submit"
-    req = openai_ft.write_job_request(pf, "submit", max_training_cost_usd=5)
+    req = write_job_request(pf, "submit", max_training_cost_usd=5)
     assert part.submit(req) is None and part.monitor() is None
     out = capsys.readouterr().out
     assert "401" in out and "OPENAI_API_KEY" in out and ".env" in out and "dry_run" in out and "Part B" in out
@@ -236,9 +245,9 @@ def test_each_api_failure_is_one_short_message(run_dir, no_key, capsys, status, 
     fake = FakeOpenAI()
     fake.fault("GET", r"/fine_tuning/jobs/[^/]+", status, times=1000)
     part = openai_ft.PartA(run_dir, client=fake.client(max_retries=1))
-    pf = openai_ft.preflight(run_dir, counter=estimate_counter())
+    pf = preflight(run_dir, counter=estimate_counter())
     part.resolve_mode("submit")
-    assert part.submit(openai_ft.write_job_request(pf, "submit", max_training_cost_usd=5))
+    assert part.submit(write_job_request(pf, "submit", max_training_cost_usd=5))
     card = part.monitor(poll_seconds=0, sleep=Sleeps(), max_errors=2, progress=False)
     assert card is None
     out = capsys.readouterr().out
@@ -252,17 +261,17 @@ def test_a_failed_job_and_the_cost_guard_are_one_message_each(run_dir, no_key, c
     fake = FakeOpenAI(fail_with={"code": "invalid_training_file", "message": "3 examples have an unknown role.",
                                  "param": "training_file"})
     part = openai_ft.PartA(run_dir, client=fake.client())
-    pf = openai_ft.preflight(run_dir, counter=estimate_counter())
+    pf = preflight(run_dir, counter=estimate_counter())
     part.resolve_mode("submit")
-    part.submit(openai_ft.write_job_request(pf, "submit", max_training_cost_usd=5))
+    part.submit(write_job_request(pf, "submit", max_training_cost_usd=5))
     assert part.monitor(poll_seconds=0, sleep=Sleeps(), progress=False) is None
     out = capsys.readouterr().out
     assert "invalid_training_file" in out and "openai_new_job" in out and "Traceback" not in out
     assert openai_ft.read_outcome(run_dir)["status"] == "failed"
     part2 = openai_ft.PartA(run_dir, client=fake.client())
     part2.resolve_mode("submit")
-    pf2 = openai_ft.preflight(run_dir, counter=estimate_counter(), n_epochs=9)
-    assert part2.submit(openai_ft.write_job_request(pf2, "submit", max_training_cost_usd=0.0001)) is None
+    pf2 = preflight(run_dir, counter=estimate_counter(), n_epochs=9)
+    assert part2.submit(write_job_request(pf2, "submit", max_training_cost_usd=0.0001)) is None
     out = capsys.readouterr().out
     assert "cost guard refuses" in out and "$0.0001" in out and "no job was created" in out
     assert openai_ft.read_outcome(run_dir)["status"] == "cost_guard"
@@ -271,9 +280,9 @@ def test_a_failed_job_and_the_cost_guard_are_one_message_each(run_dir, no_key, c
 def test_a_refused_creation_explains_the_wind_down_and_points_to_azure_and_part_b(run_dir, sk_key, capsys):
     fake = FakeOpenAI(refuse_creation=True)
     part = openai_ft.PartA(run_dir, client=fake.client(key=SK))
-    pf = openai_ft.preflight(run_dir, counter=estimate_counter())
+    pf = preflight(run_dir, counter=estimate_counter())
     part.resolve_mode("auto")
-    assert part.submit(openai_ft.write_job_request(pf, "submit", max_training_cost_usd=5)) is None
+    assert part.submit(write_job_request(pf, "submit", max_training_cost_usd=5)) is None
     assert part.monitor() is None
     out = capsys.readouterr().out
     short(next(l for l in out.splitlines() if l.startswith("Part A stopped")))
@@ -291,8 +300,8 @@ def test_a_refused_creation_explains_the_wind_down_and_points_to_azure_and_part_
 def test_a_missing_key_for_submit_continues_as_a_dry_run(run_dir, no_key, capsys):
     part = openai_ft.PartA(run_dir)
     assert part.resolve_mode("submit") == "dry_run"
-    pf = openai_ft.preflight(run_dir, counter=estimate_counter())
-    assert part.submit(openai_ft.write_job_request(pf, "dry_run")) is None
+    pf = preflight(run_dir, counter=estimate_counter())
+    assert part.submit(write_job_request(pf, "dry_run")) is None
     out = capsys.readouterr().out
     assert "OPENAI_API_KEY is not set" in out and "Part A stopped (mode)" in out
     assert openai_ft.read_outcome(run_dir)["status"] == "no_key"
@@ -306,7 +315,7 @@ def azure_env(monkeypatch):
     monkeypatch.setenv("AZURE_OPENAI_API_KEY", "azure-KOKORO-test-key-5a5a5a5a5a5a")
     monkeypatch.setenv("OPENAI_API_VERSION", AZURE_API_VERSION)
     monkeypatch.setenv("OPENAI_API_KEY", "")
-    monkeypatch.delenv(openai_ft.FORCE_DRY_RUN_ENV, raising=False)
+    monkeypatch.delenv(FORCE_DRY_RUN_ENV, raising=False)
 
 
 def test_azure_runs_the_same_steps_and_finds_a_lost_job_without_metadata(run_dir, azure_env, monkeypatch, capsys):
@@ -321,12 +330,12 @@ def test_azure_runs_the_same_steps_and_finds_a_lost_job_without_metadata(run_dir
         return real(http_client=httpx2.Client(transport=httpx2.MockTransport(fake.handler)), **kwargs)
 
     monkeypatch.setattr(openai, "AzureOpenAI", azure_via_fake)
-    assert openai_ft.resolve_mode("auto", provider="azure") == "submit"
+    assert resolve_mode("auto", provider="azure") == "submit"
     part = openai_ft.PartA(run_dir, provider="azure", azure_deployment="kokoro-ft")
-    pf = openai_ft.preflight(run_dir, counter=estimate_counter(), provider="azure")
+    pf = preflight(run_dir, counter=estimate_counter(), provider="azure")
     assert pf.prices.source.startswith("Azure") and pf.estimate.price_per_1m == 3.30
     part.resolve_mode("auto")
-    req = openai_ft.write_job_request(pf, part.mode, max_training_cost_usd=5)
+    req = write_job_request(pf, part.mode, max_training_cost_usd=5)
     path = part.submit(req)
     card = part.monitor(poll_seconds=0, sleep=Sleeps(), progress=False)
     assert path and card["status"] == "succeeded" and card["provider"] == "azure"
@@ -334,22 +343,22 @@ def test_azure_runs_the_same_steps_and_finds_a_lost_job_without_metadata(run_dir
     assert card["azure_deployment"] == "kokoro-ft" and "DEPLOYED" in card["usage_instructions"]
     assert card["actual_cost"]["usd"] == pytest.approx(12_345 * 3.30 / 1e6, abs=1e-6)
     # using it: through the deployment, not the model id
-    reply = openai_ft.chat(card, [{"role": "user", "content": "こんにちは"}])
+    reply = open_model(card).reply([{"role": "user", "content": "こんにちは"}])
     assert reply and fake.calls[-1] == ("POST", "/deployments/kokoro-ft/chat/completions")
-    with pytest.raises(openai_ft.OpenAIFTError, match="deployment"):
-        openai_ft.chat({**card, "azure_deployment": None}, [{"role": "user", "content": "x"}])
+    with pytest.raises(OpenAIFTError, match="deployment"):
+        open_model({**card, "azure_deployment": None})
     assert "azure-KOKORO-test-key" not in capsys.readouterr().out
 
 
 def test_azure_without_its_environment_names_the_variables(run_dir, no_key, monkeypatch):
     for name in ("AZURE_OPENAI_ENDPOINT", "AZURE_OPENAI_API_KEY", "OPENAI_API_VERSION"):
         monkeypatch.setenv(name, "")
-    assert openai_ft.resolve_mode("auto", provider="azure") == "dry_run"
-    with pytest.raises(openai_ft.MissingKeyError) as info:
-        openai_ft.make_client(provider="azure")
+    assert resolve_mode("auto", provider="azure") == "dry_run"
+    with pytest.raises(MissingKeyError) as info:
+        make_client(provider="azure")
     assert all(n in str(info.value) for n in ("AZURE_OPENAI_ENDPOINT", "AZURE_OPENAI_API_KEY", "OPENAI_API_VERSION"))
     with pytest.raises(ValueError, match="openai_provider"):
-        openai_ft.resolve_mode("auto", provider="bedrock")
+        resolve_mode("auto", provider="bedrock")
 
 
 # --- events, amounts, wording ---------------------------------------------------------------------------------
@@ -358,10 +367,10 @@ def test_events_sharing_a_second_print_oldest_first_ties_by_id(run_dir, no_key):
     fake = FakeOpenAI(plan=("validating_files", "running", "succeeded"))
     fake._tick = lambda: int(time.time())                     # every event in the same second
     lines: list[str] = []
-    pf = openai_ft.preflight(run_dir, counter=estimate_counter())
-    path = openai_ft.submit(openai_ft.write_job_request(pf, "submit", max_training_cost_usd=5), fake.client(),
+    pf = preflight(run_dir, counter=estimate_counter())
+    path = submit(write_job_request(pf, "submit", max_training_cost_usd=5), fake.client(),
                             log=lambda m: None)
-    openai_ft.monitor(path, fake.client(), poll_seconds=0, progress=False, sleep=Sleeps(), log=lines.append,
+    monitor(path, fake.client(), poll_seconds=0, progress=False, sleep=Sleeps(), log=lines.append,
                       print_every=1)
     steps = [int(l.split()[1].split("/")[0]) for l in lines if l.startswith("step ")]
     assert steps == sorted(steps) and steps
@@ -371,11 +380,11 @@ def test_events_sharing_a_second_print_oldest_first_ties_by_id(run_dir, no_key):
 
 
 def test_amounts_keep_enough_digits():
-    assert openai_ft.fmt_usd(0.0001) == "$0.0001"
-    assert openai_ft.fmt_usd(0.015) == "$0.015"
-    assert openai_ft.fmt_usd(0.5) == "$0.50"
-    assert openai_ft.fmt_usd(1234.5) == "$1,234.50"
-    assert openai_ft.fmt_usd(0) == "$0.00"
+    assert fmt_usd(0.0001) == "$0.0001"
+    assert fmt_usd(0.015) == "$0.015"
+    assert fmt_usd(0.5) == "$0.50"
+    assert fmt_usd(1234.5) == "$1,234.50"
+    assert fmt_usd(0) == "$0.00"
 
 
 def test_03_uses_an_azure_card_through_its_deployment(tmp_path, azure_env):
@@ -416,7 +425,7 @@ def test_azure_prices_have_a_source_a_date_and_are_validated():
 def test_create_rate_limited_every_time_is_one_message_and_no_job(run_dir, no_key):
     fake = FakeOpenAI()
     fake.fault("POST", JOBS, 429, times=100)
-    with pytest.raises(openai_ft.APIFailure) as info:
+    with pytest.raises(APIFailure) as info:
         run_ft(run_dir, fake.client(max_retries=3))
     short(str(info.value))
     assert "429" in str(info.value) and "nothing is created twice" in str(info.value)
@@ -444,13 +453,13 @@ def test_the_lock_holds_across_processes(run_dir, no_key):
     try:
         assert holder.stdout.readline().strip() == "held"
         fake = FakeOpenAI()
-        pf = openai_ft.preflight(run_dir, counter=estimate_counter())
-        req = openai_ft.write_job_request(pf, "submit", max_training_cost_usd=5)
-        with pytest.raises(openai_ft.RunLockedError, match=f"pid {holder.pid}"):
-            openai_ft.submit(req, fake.client(), log=lambda m: None, lock_timeout_s=0.3)
+        pf = preflight(run_dir, counter=estimate_counter())
+        req = write_job_request(pf, "submit", max_training_cost_usd=5)
+        with pytest.raises(RunLockedError, match=f"pid {holder.pid}"):
+            submit(req, fake.client(), log=lambda m: None, lock_timeout_s=0.3)
         assert fake.calls == []
     finally:
         holder.kill()
         holder.wait()
-    path = openai_ft.submit(req, fake.client(), log=lambda m: None, lock_timeout_s=5)   # released with the process
+    path = submit(req, fake.client(), log=lambda m: None, lock_timeout_s=5)   # released with the process
     assert path.is_file() and fake.count("POST", JOBS) == 1

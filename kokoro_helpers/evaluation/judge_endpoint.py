@@ -69,10 +69,10 @@ def resolve_judge(judge: Any = None, judge_model: str | None = None, *, max_retr
     base_url = judge.get("base_url")
     import os
 
-    from kokoro_helpers.hosted import openai_ft
-    if os.environ.get(openai_ft.FORCE_DRY_RUN_ENV) == "1" and (not base_url or "api.openai.com" in str(base_url)):
+    from kokoro_helpers.hosted import client as openai_client
+    if os.environ.get(openai_client.FORCE_DRY_RUN_ENV) == "1" and (not base_url or "api.openai.com" in str(base_url)):
         if log:
-            log(f"LLM judge {model} skipped: OpenAI calls are off ({openai_ft.FORCE_DRY_RUN_ENV}=1: tests never spend money)")
+            log(f"LLM judge {model} skipped: OpenAI calls are off ({openai_client.FORCE_DRY_RUN_ENV}=1: tests never spend money)")
         return None
     if base_url:
         from kokoro_helpers.models.base import ModelError
@@ -85,12 +85,12 @@ def resolve_judge(judge: Any = None, judge_model: str | None = None, *, max_retr
             return None
         is_openai = "api.openai.com" in str(base_url)
         return JudgeSpec(client, model, f"{model} @ {base_url}", is_openai=is_openai)
-    if not openai_ft.has_api_key():
+    if not openai_client.has_api_key():
         if log:
-            log(f"LLM judge {model} skipped: {openai_ft.ENV_KEY} is not set (environment or .env); "
+            log(f"LLM judge {model} skipped: {openai_client.ENV_KEY} is not set (environment or .env); "
                 f"or give the judge a base_url of an OpenAI-compatible server")
         return None
-    return JudgeSpec(openai_ft.make_client(max_retries=max_retries, timeout=timeout), model, model, is_openai=True)
+    return JudgeSpec(openai_client.make_client(max_retries=max_retries, timeout=timeout), model, model, is_openai=True)
 
 
 # ---- the offline fake ------------------------------------------------------------------------------

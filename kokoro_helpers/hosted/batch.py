@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from kokoro_helpers.jsonio import read_json, write_json_atomic
+from kokoro_helpers.jsonio import iter_jsonl, read_json, write_json_atomic
 from kokoro_helpers.paths import resolve
 
 ENDPOINT = "/v1/chat/completions"
@@ -59,13 +59,7 @@ def _slug(name: str) -> str:
 def parse_output_lines(text: str) -> dict[str, BatchResult]:
     """{custom_id: BatchResult} from a batch output or error file (JSON lines)."""
     out: dict[str, BatchResult] = {}
-    for line in (text or "").splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for row in iter_jsonl((text or "").splitlines(), where="batch output", lenient=True):
         cid = row.get("custom_id")
         if not cid:
             continue

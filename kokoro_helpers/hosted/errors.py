@@ -79,10 +79,6 @@ class JobEndedError(OpenAIFTError):
     kind = "ended"
 
 
-class LocalModelUnavailable(OpenAIFTError):
-    """A local LoRA card, but the local generation module is not available."""
-
-
 class RunLockedError(OpenAIFTError):
     """Another run of 02 holds the run folder's lock."""
 

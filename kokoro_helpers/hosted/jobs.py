@@ -75,7 +75,7 @@ def without_retries(client: Any) -> Any:
     return with_options(max_retries=0) if callable(with_options) else client
 
 
-def _meta(job: Any) -> dict[str, Any]:
+def job_metadata(job: Any) -> dict[str, Any]:
     meta = getattr(job, "metadata", None)
     return dict(meta) if isinstance(meta, dict) else {}
 
@@ -83,7 +83,7 @@ def _meta(job: Any) -> dict[str, Any]:
 def job_matches(job: Any, pending: dict[str, Any]) -> bool:
     """Whether `job` is the one `pending` describes: its metadata's attempt id, or — on a service that
     drops metadata — the same model, suffix and training file, created since the attempt began."""
-    meta = _meta(job)
+    meta = job_metadata(job)
     if meta.get("kokoro_attempt"):
         return meta["kokoro_attempt"] == pending.get("attempt")
     if meta.get("kokoro_request"):

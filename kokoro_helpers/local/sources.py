@@ -233,7 +233,7 @@ def _source_from_card(card: dict[str, Any], card_path: Path | None, base_model: 
     kind = card.get("kind", "openai")
     if kind != "local_lora":
         raise ValueError(f"{name!r} is a {kind!r} model, not a local LoRA adapter: use "
-                         "kokoro_helpers.hosted.openai_ft.chat(card, messages) for OpenAI models")
+                         "kokoro_helpers.models.open.open_model(card) for any model")
     recorded = [card.get("base_model"), card.get("base_model_path")]
     adapter = cards.adapter_dir(card, card_path)
     if adapter is None and not base_only:

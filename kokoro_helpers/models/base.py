@@ -27,6 +27,11 @@ class ChatModel(abc.ABC):
     name: str
     kind: str = ""
     streams: bool = False
+    system_prompt: str | None = None      # added to conversations that have none (a card's training prompt)
+
+    def prepare(self, messages: Messages) -> list[dict[str, Any]]:
+        """The conversation as the model gets it: with this model's system prompt when it has none."""
+        return with_system_prompt(messages, self.system_prompt)
 
     @property
     @abc.abstractmethod
@@ -82,7 +87,7 @@ class FunctionChatModel(ChatModel):
         check_overrides(overrides)
         out = []
         for i, messages in enumerate(conversations):
-            text = str(self.fn(list(messages), **{**self.defaults, **overrides}))
+            text = str(self.fn(self.prepare(messages), **{**self.defaults, **overrides}))
             out.append(text)
             if on_result is not None:
                 on_result(i, text, {})

@@ -50,7 +50,7 @@ def available_models(run_dir: str | Path = DEFAULT_RUN_DIR, include_openai: bool
     from kokoro_helpers import cards
 
     if include_openai is None:
-        from kokoro_helpers.hosted.openai_ft import has_api_key
+        from kokoro_helpers.hosted.client import has_api_key
         include_openai = has_api_key()
     models: dict[str, ChatModel] = {}
     bases: dict[str, ChatModel] = {}

@@ -132,7 +132,7 @@ class EndpointChatModel(ChatModel):
         """The keyword arguments of one chat.completions.create call."""
         check_overrides(overrides)
         max_tokens = overrides.get("max_new_tokens", self.max_tokens)
-        kwargs: dict[str, Any] = {"model": self.model, "messages": [clean_message(m) for m in messages],
+        kwargs: dict[str, Any] = {"model": self.model, "messages": [clean_message(m) for m in self.prepare(messages)],
                                   "max_tokens": int(max_tokens),
                                   "temperature": float(overrides.get("temperature", self.temperature))}
         for key in ("top_p", "seed"):

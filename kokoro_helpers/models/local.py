@@ -124,15 +124,15 @@ class LocalChatModel(ChatModel):
 
     # ------------------------------------------------------------------ the interface
     def reply(self, messages: Messages, **overrides: Any) -> str:
-        return _text(self.local_model().generate(messages, adapter=self.adapter, **self._kwargs(overrides)),
-                     self.name)
+        return _text(self.local_model().generate(self.prepare(messages), adapter=self.adapter,
+                                                 **self._kwargs(overrides)), self.name)
 
     def stream(self, messages: Messages, **overrides: Any) -> Iterator[str]:
-        yield from self.local_model().stream(messages, adapter=self.adapter, **self._kwargs(overrides))
+        yield from self.local_model().stream(self.prepare(messages), adapter=self.adapter, **self._kwargs(overrides))
 
     def batch(self, conversations: Sequence[Messages], on_result: OnResult | None = None,
               keys: Sequence[str] | None = None, **overrides: Any) -> list[str]:
-        conversations = list(conversations)
+        conversations = [self.prepare(m) for m in conversations]
         if not conversations:
             return []
         kwargs = self._kwargs(overrides)

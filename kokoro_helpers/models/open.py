@@ -26,11 +26,11 @@ def hosted_client(provider: str = "openai", max_retries: int = 5, timeout: float
     """An OpenAI (or, provider="azure", Azure OpenAI) client when its key is set (environment or .env),
     else None and a note — or, `required`, the error that names the variables to set. The key is read by
     the SDK from the environment; it is never a parameter."""
-    from kokoro_helpers.hosted import openai_ft
-    if not openai_ft.has_api_key(provider) and not required:
-        _say(log, f"{openai_ft.KEY_ENV[provider]} is not set (environment or .env): {provider} models are skipped.")
+    from kokoro_helpers.hosted import client as hosted
+    if not hosted.has_api_key(provider) and not required:
+        _say(log, f"{hosted.KEY_ENV[provider]} is not set (environment or .env): {provider} models are skipped.")
         return None
-    return openai_ft.make_client(max_retries=max_retries, timeout=timeout, provider=provider)
+    return hosted.make_client(max_retries=max_retries, timeout=timeout, provider=provider)
 
 
 def _card_of(source: Any, run_dir: str | Path) -> tuple[Path | None, dict[str, Any]] | None:
@@ -79,26 +79,34 @@ def open_model(source: Any, run_dir: str | Path = DEFAULT_RUN_DIR, *, name: str 
                                  temperature=temperature, top_p=top_p, seed=seed, log=log, **ep_opts)
     found = _card_of(source, run_dir)
     if found is not None:
-        path, card = found
-        kind = card.get("kind")
-        if kind == "openai":
-            from kokoro_helpers.hosted.openai_ft import inference_model
-            provider = card.get("provider", "openai")
-            model = inference_model(card, deployment)       # a clear error: no model yet / no Azure deployment
-            return EndpointChatModel(client or (lambda: hosted_client(provider, log=log, required=True)), model,
-                                     name=name or (card["model_id"] if model != card["model_id"] else None),
-                                     max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                                     log=log, **ep_opts)
-        if kind == "local_lora":
-            return LocalChatModel(path if path is not None else card, name=name, base_only=base_only,
-                                  run_dir=run_dir, **gen, **local_opts)
-        raise ModelError(f"{path or 'this card'}: unknown kind {kind!r} (expected openai or local_lora)")
+        model = _from_card(*found, run_dir=run_dir, name=name, base_only=base_only, client=client,
+                           deployment=deployment, gen=gen, local_opts=local_opts, ep_opts=ep_opts, log=log)
+        model.system_prompt = found[1].get("system_prompt") or None     # what it was trained with
+        return model
     if callable(source) and not hasattr(source, "batch_generate"):
         return FunctionChatModel(source, name=name, **{k: v for k, v in gen.items() if v is not None})
     if hasattr(source, "batch_generate"):                 # a loaded LocalModel
         return LocalChatModel(str(source.name), name=name or str(source.name), base_only=base_only, lm=source,
                               run_dir=run_dir, **gen, **local_opts)
     return LocalChatModel(source, name=name, base_only=base_only, run_dir=run_dir, **gen, **local_opts)
+
+
+def _from_card(path: Path | None, card: dict[str, Any], *, run_dir: str | Path, name: str | None, base_only: bool,
+               client: Any, deployment: str | None, gen: dict[str, Any], local_opts: dict[str, Any],
+               ep_opts: dict[str, Any], log: Log) -> ChatModel:
+    kind = card.get("kind")
+    if kind == "openai":
+        from kokoro_helpers.hosted.client import inference_model
+        provider = card.get("provider", "openai")
+        model = inference_model(card, deployment)       # a clear error: no model yet / no Azure deployment
+        return EndpointChatModel(client or (lambda: hosted_client(provider, log=log, required=True)), model,
+                                 name=name or (card["model_id"] if model != card["model_id"] else None),
+                                 max_tokens=gen["max_new_tokens"], temperature=gen["temperature"],
+                                 top_p=gen["top_p"], seed=gen["seed"], log=log, **ep_opts)
+    if kind == "local_lora":
+        return LocalChatModel(path if path is not None else card, name=name, base_only=base_only,
+                              run_dir=run_dir, **gen, **local_opts)
+    raise ModelError(f"{path or 'this card'}: unknown kind {kind!r} (expected openai or local_lora)")
 
 
 def models_from_run(run_dir: str | Path = DEFAULT_RUN_DIR, include_base: bool = True,

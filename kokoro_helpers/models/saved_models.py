@@ -209,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _one_line(exc: BaseException, provider: str = "openai") -> str:
     from kokoro_helpers.hosted.errors import explain, redact
-    from kokoro_helpers.hosted.openai_ft import OpenAIFTError
+    from kokoro_helpers.hosted.errors import OpenAIFTError
     try:
         import openai
         if isinstance(exc, openai.APIError):
