@@ -1,4 +1,4 @@
-"""Manual scoring (kokoro_helpers.evaluation.scoring): the widget's submit / back / skip / resume, refusals,
+"""Manual scoring (kokoro_helpers.evaluation: score_store, scoring_widget, score_summary, score_cards): the widget's submit / back / skip / resume, refusals,
 durability under SIGKILL, the summary (means, t-intervals, plots, CSV), Krippendorff's alpha on
 a published table, and evaluation_results written into model cards.
 
@@ -20,12 +20,14 @@ from pathlib import Path
 import pytest
 
 from kokoro_helpers import cards
-from kokoro_helpers.evaluation import scoring
 from kokoro_helpers.data.schema import CRITERIA as KC
-from kokoro_helpers.evaluation.scoring import (CRITERIA_PRESETS, ScoreError, ScoringWidget, agreement, agreement_table,
-                                    append_record, check_rater, demo_scores, export_csv, load_scores,
-                                    plot_distributions, plot_means, rater_order, resolve_criteria, summarize,
-                                    t_critical, write_evaluation_results)
+from kokoro_helpers.evaluation import scoring_widget
+from kokoro_helpers.evaluation.score_cards import write_evaluation_results
+from kokoro_helpers.evaluation.score_store import (CRITERIA_PRESETS, ScoreError, append_record, check_rater,
+                                                   rater_order, resolve_criteria)
+from kokoro_helpers.evaluation.score_summary import (agreement, agreement_table, export_csv, load_scores,
+                                                     plot_distributions, plot_means, summarize, t_critical)
+from kokoro_helpers.evaluation.scoring_widget import ScoringWidget, demo_scores
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("SECRETMODEL-alpha", "SECRETMODEL-beta", "SECRETMODEL-gamma")
@@ -323,7 +325,7 @@ def test_write_failure_shown_not_advanced(tmp_path, monkeypatch):
     def full_disk(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(scoring, "append_record", full_disk)
+    monkeypatch.setattr(scoring_widget, "append_record", full_disk)
     assert w.on_submit_clicked() is False
     assert "NOT saved" in w._message.value and w.position == 0
     with pytest.raises(OSError):
@@ -359,7 +361,7 @@ def test_never_waits_and_displays_without_a_frontend(tmp_path):
 
 CHILD = r"""
 import json, random, sys
-from kokoro_helpers.evaluation.scoring import ScoringWidget
+from kokoro_helpers.evaluation.scoring_widget import ScoringWidget
 items_path, store, rater, seed, mode = sys.argv[1:6]
 with open(items_path, encoding="utf-8") as f:
     items = json.load(f)
@@ -694,7 +696,7 @@ def test_write_evaluation_results_with_metrics_only(tmp_path):
 
 
 def test_few_scores_give_counts_and_means_only_and_intervals_stay_in_0_5(tmp_path):
-    from kokoro_helpers.evaluation.scoring import MIN_SCORES_FOR_INTERVAL, mean_ci
+    from kokoro_helpers.evaluation.score_summary import MIN_SCORES_FOR_INTERVAL, mean_ci
     _write(tmp_path, "r0", "item-000", "A", accuracy=0, relevance=5)
     _write(tmp_path, "r1", "item-000", "A", accuracy=5, relevance=5)
     summary = summarize(load_scores(tmp_path))
@@ -740,7 +742,7 @@ def test_a_reopened_notebook_shows_what_to_do_instead_of_the_widget(tmp_path, mo
 
 
 def test_summary_table_shows_counts_and_means_only_below_the_stated_number(tmp_path):
-    from kokoro_helpers.evaluation.scoring import summary_table
+    from kokoro_helpers.evaluation.score_summary import summary_table
     for i, s in enumerate([1, 2, 3, 4, 5]):
         _write(tmp_path, f"r{i}", "item-000", "A", accuracy=s, relevance=3)
     _write(tmp_path, "r0", "item-001", "B", accuracy=0, relevance=5)
