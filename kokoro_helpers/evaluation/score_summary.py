@@ -184,6 +184,15 @@ def summary_table(summary, digits: int = 2):
     return pd.DataFrame(out).reset_index(drop=True)
 
 
+def _no_scores_figure():
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 2))
+    ax.axis("off")
+    ax.text(0.5, 0.5, "no human scores yet", ha="center", va="center")
+    return fig
+
+
 def plot_distributions(scores_df, criteria: Sequence[str] | None = None,
                        models: Sequence[str] | None = None, normalize: bool = True):
     """One panel per criterion: how often each score 0..5 was given, one bar colour per model
@@ -195,10 +204,7 @@ def plot_distributions(scores_df, criteria: Sequence[str] | None = None,
     criteria = list(criteria) if criteria is not None else criteria_columns(scores_df)
     models = list(models) if models is not None else sorted(scores_df["model"].unique()) if len(scores_df) else []
     if not criteria or not models:
-        fig, ax = plt.subplots(figsize=(6, 2))
-        ax.axis("off")
-        ax.text(0.5, 0.5, "no human scores yet", ha="center", va="center")
-        return fig
+        return _no_scores_figure()
     ncols = min(3, len(criteria))
     nrows = math.ceil(len(criteria) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.4 * nrows), squeeze=False)
@@ -229,10 +235,7 @@ def plot_means(summary):
     import numpy as np
 
     if not len(summary):
-        fig, ax = plt.subplots(figsize=(6, 2))
-        ax.axis("off")
-        ax.text(0.5, 0.5, "no human scores yet", ha="center", va="center")
-        return fig
+        return _no_scores_figure()
     criteria = list(dict.fromkeys(summary["criterion"]))
     models = list(dict.fromkeys(summary["model"]))
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(criteria) * max(1, len(models)) / 2), 4))
