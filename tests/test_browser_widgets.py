@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PIECES = ["最近", "眠れない", "のですね。", "お話を", "聞かせてください。"]
 
 SCORE_CELL = """\
-from kokoro_helpers.evaluation.scoring import ScoringWidget
+from kokoro_helpers.evaluation.scoring_widget import ScoringWidget
 context = [{"role": ("user", "assistant")[k % 2], "content": f"発話{k}。" + "長い話です。" * 60} for k in range(7)]
 items = [{"item_id": f"item-{i}", "model": m, "context": context + [{"role": "user", "content": f"相談{i}です。"}],
           "reference": "参照の応答です。" * 20, "response": f"{m} の応答 {i}。" + "丁寧な返答です。" * 80}

@@ -154,7 +154,7 @@ def key_figures(run_dir: Path) -> dict[str, str]:
     if rows:
         out["02"] = _table(rows)
 
-    # 03: automatic metrics and the human-score summary (scoring.export_csv's human_summary.csv, or the
+    # 03: automatic metrics and the human-score summary (score_summary.export_csv's human_summary.csv, or the
     # raw append-only scores when no CSV was exported)
     parts = []
     eval_dir = run_dir / "eval"
@@ -172,9 +172,9 @@ def key_figures(run_dir: Path) -> dict[str, str]:
         except (OSError, ValueError):
             human = None
     elif (eval_dir / "human_scores").is_dir() and any((eval_dir / "human_scores").glob("*.jsonl")):
-        from kokoro_helpers.evaluation import scoring
+        from kokoro_helpers.evaluation import score_summary
         try:
-            human = scoring.summarize(scoring.load_scores(eval_dir / "human_scores"))
+            human = score_summary.summarize(score_summary.load_scores(eval_dir / "human_scores"))
             source = "eval/human_scores/*.jsonl"
         except Exception:  # noqa: BLE001 - the index must render whatever the scores hold
             human = None
