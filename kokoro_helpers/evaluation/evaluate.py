@@ -1,7 +1,7 @@
 """03_eval: the same items for every model, and their replies, cached.
 
 The steps the notebook calls in turn (metrics in :mod:`kokoro_helpers.evaluation.metrics`, the optional LLM
-judge in :mod:`kokoro_helpers.evaluation.judge`, human scores in :mod:`kokoro_helpers.evaluation.scoring`):
+judge in :mod:`kokoro_helpers.evaluation.judge`, human scores in :mod:`kokoro_helpers.evaluation.score_store`):
 
     items = build_eval_items(run_dir, splits=("test", "valid"), max_eval_items=20, seed=42)
     save_items(items, run_dir)                                   # run_dir/eval/items.jsonl
@@ -366,7 +366,7 @@ def load_generations(run_dir: str | Path):
 
 def scoring_items(generations: Any, items: Sequence[Item]) -> list[dict[str, Any]]:
     """`{item_id, model, context, reference, response}` per generation: the manual scoring widget's
-    input (kokoro_helpers.evaluation.scoring.ScoringWidget)."""
+    input (kokoro_helpers.evaluation.scoring_widget.ScoringWidget)."""
     by_id = {it["item_id"]: it for it in items}
     out = []
     for row in generation_rows(generations):

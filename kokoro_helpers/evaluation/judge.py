@@ -27,7 +27,7 @@ from kokoro_helpers.data.schema import SPEAKER_LABEL_JA
 # 4. Optional LLM judge (only with a client / key)
 # =================================================================================================
 
-# The same criteria keys and preset names as the manual scoring widget (scoring.CRITERIA_PRESETS:
+# The same criteria keys and preset names as the manual scoring widget (score_store.CRITERIA_PRESETS:
 # "default" = the seeds' 正確性・関連性・専門性, "kokorochat" = turn-level items of KokoroChat's client
 # review), each with the rubric text the judge reads (the widget needs only labels).
 JUDGE_CRITERIA_PRESETS: dict[str, dict[str, str]] = {
