@@ -736,7 +736,7 @@ def render_prompt(tokenizer, messages: Messages) -> str:
         raise ValueError("this tokenizer has no chat template: use an instruct/chat model, or the tokenizer saved "
                          "with the adapter (02 saves the template it trained with)")
     # the same messages and switches training rendered (system_prompt_mode; Qwen3: no thinking)
-    from kokoro_helpers.local.lora_data import apply_system_prompt_mode, chat_template_kwargs, trained_system_prompt_mode
+    from kokoro_helpers.local.chat_messages import apply_system_prompt_mode, chat_template_kwargs, trained_system_prompt_mode
     msgs = apply_system_prompt_mode(clean_messages(messages), trained_system_prompt_mode(tokenizer))
     return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True,
                                          **chat_template_kwargs(tokenizer))
