@@ -4,20 +4,24 @@ The training itself is TRL's ``SFTTrainer`` (``SFTConfig`` + peft ``LoraConfig``
 scheduler, gradient accumulation (the loss normalised by the trained tokens of the whole
 accumulated batch, over every process), checkpoints and resume, DDP / FSDP / DeepSpeed through
 accelerate, TRL's fused LM head (the loss never builds the full logits). Around it, this module
-keeps what the project's runs show and write:
+ties together what the project's runs show and write:
 
 - data: 01_data's ``run_dir/data/{train,valid}.jsonl`` through the base tokenizer's chat
-  template (:class:`kokoro_helpers.local.chat_encoding.ChatEncoder`: labels on assistant tokens only;
-  :mod:`kokoro_helpers.local.windows`: long dialogues split into windows of whole turns) into a ``datasets.Dataset`` of
-  ``input_ids`` + ``labels`` that SFTTrainer uses as is; batches grouped by length;
-- before anything heavy loads: the plan (train or skip, and why), clear errors (a trainer
-  setting SFTConfig does not have, quantization without CUDA, no chat template, a missing
-  folder, ``target_modules`` the model lacks) and a memory plan against the device's memory;
+  template (:class:`kokoro_helpers.local.chat_encoding.ChatEncoder`: labels on assistant tokens
+  only; :mod:`kokoro_helpers.local.windows`: long dialogues split into windows of whole turns)
+  into a ``datasets.Dataset`` of ``input_ids`` + ``labels`` that SFTTrainer uses as is; batches
+  grouped by length;
+- before anything heavy loads: the plan (:mod:`kokoro_helpers.local.train_plan`: train or skip,
+  and why), clear errors (a trainer setting SFTConfig does not have, quantization without CUDA,
+  no chat template, a missing folder, ``target_modules`` the model lacks) and a memory plan
+  against the device's memory;
 - around training: the base's held-out loss (adapter off), the valid loss per epoch, a progress
   bar with the resource monitor's 90% alerts, resume after a killed kernel from the Trainer's
-  checkpoints (same run name, same base content, data and settings);
-- outputs: the adapter folder (weights, tokenizer with its chat template, README model card,
-  history.json, data_report.json) and the registry card ``run_dir/models/<name>.json``.
+  checkpoints (:mod:`kokoro_helpers.local.train_resume`: same run name, same base content, data
+  and settings);
+- outputs (:mod:`kokoro_helpers.local.train_outputs`): the adapter folder (weights, tokenizer
+  with its chat template, README model card, history.json, data_report.json) and the registry
+  card ``run_dir/models/<name>.json``.
 
 Command line (same code as the notebook)::
 
