@@ -145,13 +145,13 @@ def main(argv: list[str] | None = None) -> int:
         args.shapes, args.lengths, args.layers, args.steps = ["qwen2.5-0.5b"], [128], 2, 1
 
     import torch
-    from kokoro_helpers.local.train_lora import _installed
+    from kokoro_helpers.local.train_plan import installed
 
     cuda = torch.cuda.is_available()
     variants = [("sdpa", False)]
-    if cuda and _installed("flash_attn"):
+    if cuda and installed("flash_attn"):
         variants.append(("flash_attention_2", False))
-    if cuda and _installed("liger_kernel"):
+    if cuda and installed("liger_kernel"):
         variants.append(("sdpa", True))
     results = []
     for shape in args.shapes:

@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kokoro_helpers.data.pipeline import prepare_data                       # noqa: E402
 from kokoro_helpers.params import load_params                      # noqa: E402
-from kokoro_helpers.local.train_lora import LoraTrainConfig, train_lora  # noqa: E402
+from kokoro_helpers.local.sft_config import LoraTrainConfig  # noqa: E402
+from kokoro_helpers.local.train_lora import train_lora  # noqa: E402
 
 # Qwen2.5-0.5B's shape (random weights: throughput only, nothing is downloaded)
 SHAPES = {"qwen2-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from kokoro_helpers.local.lora_data import (IGNORE_INDEX, ChatEncoder, ChatTemplateError, apply_system_prompt_mode,
-                                      chat_template_kwargs, encode_examples, window_example)
+from kokoro_helpers.local.chat_encoding import IGNORE_INDEX, ChatEncoder, ChatTemplateError
+from kokoro_helpers.local.chat_messages import apply_system_prompt_mode, chat_template_kwargs
+from kokoro_helpers.local.windows import encode_examples, window_example
 
 FIXTURES = Path(__file__).parent / "fixtures" / "chat_templates"
 
@@ -386,8 +387,8 @@ def test_generation_renders_the_system_prompt_as_training_did(base_tokenizers, t
     before the reply — and a tokenizer saved without the mode keeps the messages as they are."""
     from transformers import AutoTokenizer
 
+    from kokoro_helpers.local.chat_messages import SYSTEM_PROMPT_MODE_KEY, trained_system_prompt_mode
     from kokoro_helpers.local.prompts import render_prompt
-    from kokoro_helpers.local.lora_data import SYSTEM_PROMPT_MODE_KEY, trained_system_prompt_mode
 
     tokenizer = make_tokenizer(base_tokenizers, "gemma-2", "no_prefix")
     encoder = ChatEncoder(tokenizer, system_prompt_mode="auto")

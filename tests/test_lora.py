@@ -12,8 +12,8 @@ import pytest
 
 from kokoro_helpers.data.pipeline import prepare_data
 from kokoro_helpers.data.tokens import estimate_counter
-from kokoro_helpers.local.lora_data import (IGNORE_INDEX, ChatEncoder, ChatTemplateError, encode_examples,
-                                      window_example)
+from kokoro_helpers.local.chat_encoding import IGNORE_INDEX, ChatEncoder, ChatTemplateError
+from kokoro_helpers.local.windows import encode_examples, window_example
 
 SYSTEM = "あなたは相談者の話に丁寧に耳を傾ける心理カウンセラーです。"
 

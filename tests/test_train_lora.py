@@ -17,9 +17,11 @@ import pytest
 
 from kokoro_helpers import cards
 from kokoro_helpers.data.pipeline import prepare_data
-from kokoro_helpers.local.lora_data import ChatTemplateError
+from kokoro_helpers.local.chat_encoding import ChatTemplateError
+from kokoro_helpers.local.sft_config import LoraTrainConfig
+from kokoro_helpers.local.train_lora import SKIPPED_EXIT, LoraRun, main, train_lora
+from kokoro_helpers.local.train_plan import make_plan
 from kokoro_helpers.models.open import models_from_run
-from kokoro_helpers.local.train_lora import SKIPPED_EXIT, LoraRun, LoraTrainConfig, main, make_plan, train_lora
 
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEM = "あなたは相談者の話に丁寧に耳を傾ける心理カウンセラーです。"
@@ -97,7 +99,7 @@ def test_trainer_args_pass_through_and_a_misspelt_field_names_the_closest():
 
 
 def test_plan_skips_hub_models_on_cpu_and_refuses_quantization_without_cuda(monkeypatch):
-    import kokoro_helpers.local.train_lora as tl
+    import kokoro_helpers.local.train_plan as tl
 
     monkeypatch.setattr(tl, "_cuda_available", lambda: False)
     plan = make_plan(LoraTrainConfig(local_base_model="Qwen/Qwen2.5-0.5B-Instruct"))
@@ -441,7 +443,7 @@ def test_the_random_real_architecture_folder_is_served_by_its_card_name(qwen2_ru
 def test_local_mode_auto_explains_why_the_folder_does_not_train_on_a_cpu(qwen2_run, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    import kokoro_helpers.local.train_lora as tl
+    import kokoro_helpers.local.train_plan as tl
 
     _, base = qwen2_run
     monkeypatch.setattr(tl, "_cuda_available", lambda: False)

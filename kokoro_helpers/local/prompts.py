@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
+from kokoro_helpers.local.chat_messages import apply_system_prompt_mode, chat_template_kwargs, trained_system_prompt_mode
+
 ROLES = ("system", "user", "assistant")
 # end-of-turn markers of common chat templates; used when present in the tokenizer's added vocab
 KNOWN_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
@@ -38,7 +40,6 @@ def render_prompt(tokenizer, messages: Messages) -> str:
         raise ValueError("this tokenizer has no chat template: use an instruct/chat model, or the tokenizer saved "
                          "with the adapter (02 saves the template it trained with)")
     # the same messages and switches training rendered (system_prompt_mode; Qwen3: no thinking)
-    from kokoro_helpers.local.lora_data import apply_system_prompt_mode, chat_template_kwargs, trained_system_prompt_mode
     msgs = apply_system_prompt_mode(clean_messages(messages), trained_system_prompt_mode(tokenizer))
     return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True,
                                          **chat_template_kwargs(tokenizer))

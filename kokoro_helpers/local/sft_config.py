@@ -13,7 +13,7 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from kokoro_helpers.local.lora_data import SYSTEM_PROMPT_MODES
+from kokoro_helpers.local.chat_messages import SYSTEM_PROMPT_MODES
 from kokoro_helpers.local.tiny_model import EMBEDDED_TINY
 
 MODES = ("auto", "off", "train")
@@ -58,7 +58,7 @@ class LoraTrainConfig:
     learning_rate: float = 5e-3
     max_length: int = 1024
     local_run_name: str = "lora-tiny"
-    system_prompt_mode: str = "keep"      # keep | merge_into_first_user | drop | auto (lora_data.apply_system_prompt_mode)
+    system_prompt_mode: str = "keep"      # keep | merge_into_first_user | drop | auto (chat_messages.apply_system_prompt_mode)
     # --- trainer settings
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05            # share of the optimizer steps with a linear lr ramp

@@ -4,20 +4,24 @@ The training itself is TRL's ``SFTTrainer`` (``SFTConfig`` + peft ``LoraConfig``
 scheduler, gradient accumulation (the loss normalised by the trained tokens of the whole
 accumulated batch, over every process), checkpoints and resume, DDP / FSDP / DeepSpeed through
 accelerate, TRL's fused LM head (the loss never builds the full logits). Around it, this module
-keeps what the project's runs show and write:
+ties together what the project's runs show and write:
 
 - data: 01_data's ``run_dir/data/{train,valid}.jsonl`` through the base tokenizer's chat
-  template (:class:`kokoro_helpers.local.lora_data.ChatEncoder`: labels on assistant tokens only,
-  long dialogues split into windows of whole turns) into a ``datasets.Dataset`` of
-  ``input_ids`` + ``labels`` that SFTTrainer uses as is; batches grouped by length;
-- before anything heavy loads: the plan (train or skip, and why), clear errors (a trainer
-  setting SFTConfig does not have, quantization without CUDA, no chat template, a missing
-  folder, ``target_modules`` the model lacks) and a memory plan against the device's memory;
+  template (:class:`kokoro_helpers.local.chat_encoding.ChatEncoder`: labels on assistant tokens
+  only; :mod:`kokoro_helpers.local.windows`: long dialogues split into windows of whole turns)
+  into a ``datasets.Dataset`` of ``input_ids`` + ``labels`` that SFTTrainer uses as is; batches
+  grouped by length;
+- before anything heavy loads: the plan (:mod:`kokoro_helpers.local.train_plan`: train or skip,
+  and why), clear errors (a trainer setting SFTConfig does not have, quantization without CUDA,
+  no chat template, a missing folder, ``target_modules`` the model lacks) and a memory plan
+  against the device's memory;
 - around training: the base's held-out loss (adapter off), the valid loss per epoch, a progress
   bar with the resource monitor's 90% alerts, resume after a killed kernel from the Trainer's
-  checkpoints (same run name, same base content, data and settings);
-- outputs: the adapter folder (weights, tokenizer with its chat template, README model card,
-  history.json, data_report.json) and the registry card ``run_dir/models/<name>.json``.
+  checkpoints (:mod:`kokoro_helpers.local.train_resume`: same run name, same base content, data
+  and settings);
+- outputs (:mod:`kokoro_helpers.local.train_outputs`): the adapter folder (weights, tokenizer
+  with its chat template, README model card, history.json, data_report.json) and the registry
+  card ``run_dir/models/<name>.json``.
 
 Command line (same code as the notebook)::
 
@@ -36,244 +40,31 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 from kokoro_helpers import cards
 from kokoro_helpers.jsonio import file_sha256, read_jsonl
-from kokoro_helpers.local.lora_data import (SYSTEM_PROMPT_MODE_KEY, ChatEncoder, ChatTemplateError, DataReport, EncodedExample,
-                        encode_examples)
-from kokoro_helpers.paths import portable, resolve
+from kokoro_helpers.local.chat_encoding import ChatEncoder, ChatTemplateError, EncodedExample
 from kokoro_helpers.local.memory_plan import return_freed_memory
-from kokoro_helpers.resources import prefer_passive_openmp
+from kokoro_helpers.local.precision import torch_dtype
 from kokoro_helpers.local.sft_config import LoraTrainConfig
-from kokoro_helpers.local.tiny_model import EMBEDDED_TINY, is_embedded, portable_tokenizer_files, quiet_transformers
-from kokoro_helpers.local.precision import choose_precision, torch_dtype
+from kokoro_helpers.local.tiny_model import EMBEDDED_TINY, quiet_transformers
+from kokoro_helpers.local.train_outputs import TrainResult, adapter_card, loss_history, save_adapter
+from kokoro_helpers.local.train_plan import check_base_exists, installed, make_plan
+from kokoro_helpers.local.train_resume import Checkpoints
+from kokoro_helpers.local.windows import DataReport, encode_examples
+from kokoro_helpers.paths import portable, resolve
+from kokoro_helpers.resources import prefer_passive_openmp
 
 prefer_passive_openmp()
 
 SKIPPED_EXIT = 3          # the CLI's status when nothing was trained
 
-__all__ = ["LoraTrainConfig", "LoraRun", "Plan", "TrainResult", "make_plan", "train_lora", "plot_loss_curves",
-           "main", "SKIPPED_EXIT"]
-
-
-# =============================================================================== plan
-
-@dataclass
-class Plan:
-    """What a run will do on this machine, decided before anything is loaded."""
-
-    action: str            # "train" | "skip"
-    reason: str
-    device: str            # "cuda" | "cpu"
-    precision: str         # "fp32" | "bf16" | "fp16"
-    world_size: int = 1
-
-    def describe(self) -> str:
-        if self.action == "skip":
-            return f"local LoRA: SKIPPED (nothing trained) - {self.reason}"
-        return (f"local LoRA: training on {self.device} ({self.precision}"
-                f"{f', {self.world_size} processes' if self.world_size > 1 else ''}) - {self.reason}")
-
-
-def _cuda_available() -> bool:
-    try:
-        import torch
-        return bool(torch.cuda.is_available())
-    except ImportError:
-        return False
-
-
-def _installed(module: str) -> bool:
-    import importlib.util
-    return importlib.util.find_spec(module) is not None
-
-
-def make_plan(cfg: LoraTrainConfig) -> Plan:
-    """Decide train/skip, device and precision from local_mode, the base and the hardware.
-    Raises ValueError for hardware settings this machine cannot run (quantization without CUDA)."""
-    cuda = _cuda_available()
-    device = "cuda" if cuda else "cpu"
-    precision = choose_precision(device, cfg.precision)
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    base = cfg.local_base_model
-    if cfg.local_mode == "off":
-        return Plan("skip", "local_mode is 'off'", device, precision, world)
-    if cfg.quantization and not cuda:
-        raise ValueError(f"quantization={cfg.quantization!r} needs a CUDA GPU (bitsandbytes), and this machine has "
-                         "none: set quantization: null here, or train on a GPU machine")
-    if cfg.quantization and not _installed("bitsandbytes"):
-        raise ValueError(f"quantization={cfg.quantization!r} needs bitsandbytes: pip install bitsandbytes")
-    if cfg.attn_implementation.startswith("flash_attention") and not (cuda and _installed("flash_attn")):
-        raise ValueError(f"attn_implementation={cfg.attn_implementation!r} needs a CUDA GPU and the flash-attn "
-                         "package: use attn_implementation: sdpa")
-    if cfg.device_map == "auto" and world > 1:
-        raise ValueError("device_map: auto spreads one model over this machine's GPUs and cannot be combined with "
-                         "several processes (torchrun / accelerate launch): use one or the other")
-    if cfg.local_mode == "train":
-        why = "local_mode is 'train'"
-        if not cuda and not is_embedded(base):
-            why += " (on the CPU: fine for a small model, slow for a Hub-size one such as a 0.5B base)"
-        return Plan("train", why, device, precision, world)
-    if cuda:
-        return Plan("train", "local_mode 'auto' with a GPU", device, precision, world)
-    if is_embedded(base):
-        return Plan("train", f"local_mode 'auto': the embedded tiny model ({base}) trains on the CPU", device,
-                    precision, world)
-    return Plan("skip", (
-        f"local_mode 'auto' does not train {base!r}{_size_note(base)} on a CPU-only machine: only the embedded smoke "
-        "model trains on a CPU by default, as a real base would take hours there. Run `python -m kokoro_helpers.train_lora --params "
-        "<your params>.yaml` on a GPU machine (torchrun / accelerate launch for several GPUs), set "
-        f"local_mode='train' to force a (slow) CPU run, or local_base_model='{EMBEDDED_TINY}' for the offline smoke "
-        "model"), device, precision, world)
-
-
-def _size_note(base: str) -> str:
-    """' (Qwen2ForCausalLM, 0.1 M parameters)' for a local model folder, from its config.json alone (meta
-    device, no weights read); '' for a Hub id or a folder whose config cannot be read."""
-    folder = resolve(base)
-    if not (folder / "config.json").is_file():
-        return ""
-    try:
-        from transformers import AutoConfig
-
-        from kokoro_helpers.local.memory_plan import meta_model
-        config = AutoConfig.from_pretrained(folder)
-        n = sum(p.numel() for p in meta_model(config).parameters())
-        arch = (getattr(config, "architectures", None) or [type(config).__name__])[0]
-    except Exception:                                 # the plan's reason must not fail; loading reports it
-        return ""
-    return f" ({arch}, {n / 1e6:.1f} M parameters)"
-
-
-def _looks_like_path(name: str) -> bool:
-    """A local folder rather than a Hub id ('org/name'): absolute, ./ ../ ~, a trailing slash, or deeper."""
-    n = str(name)
-    return (n.startswith(("/", "./", "../", "~", ".\\")) or n.endswith(("/", "\\")) or n.count("/") >= 2
-            or "\\" in n or (len(n) > 1 and n[1] == ":"))
-
-
-def check_base_exists(name: str) -> None:
-    """A base given as a folder must exist (no Hub-download advice for a mistyped path)."""
-    if is_embedded(name):
-        return
-    if _looks_like_path(name) and not resolve(name).is_dir():
-        raise FileNotFoundError(
-            f"local_base_model {name!r} looks like a folder, and there is no such folder ({resolve(name)}): check the "
-            "path (relative paths start at the project root) or the folder's name")
-    if resolve(name).exists() and not resolve(name).is_dir():
-        raise FileNotFoundError(f"local_base_model {name!r} is a file, not a model folder")
-
-
-# =============================================================================== result
-
-@dataclass
-class TrainResult:
-    """What a run produced (or why it was skipped), with the views the notebook shows."""
-
-    skipped: str | None = None
-    name: str = ""
-    adapter_dir: Path | None = None
-    card_path: Path | None = None
-    card: dict[str, Any] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)
-    history: dict[str, Any] = field(default_factory=dict)
-    data: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def trained(self) -> bool:
-        return self.skipped is None
-
-    def loss_table(self):
-        """Base vs adapter held-out loss (mean cross-entropy per assistant token) and perplexity."""
-        import pandas as pd
-
-        rows = []
-        for label, key in (("base (adapter off)", "base_valid_loss"), ("base + LoRA adapter", "adapter_valid_loss")):
-            loss = self.metrics.get(key)
-            rows.append({"model": label, "valid_loss": loss,
-                         "valid_perplexity": math.exp(loss) if loss is not None and loss < 50 else None})
-        return pd.DataFrame(rows).set_index("model")
-
-    def compare(self) -> str:
-        """One line: is the adapter's held-out loss below the base's? (printed, never asserted)"""
-        if self.skipped:
-            return f"no comparison: {self.skipped}"
-        base, ada = self.metrics.get("base_valid_loss"), self.metrics.get("adapter_valid_loss")
-        if base is None or ada is None:
-            return "no comparison: the valid split is empty (or evaluate_base was off)"
-        if ada < base:
-            return (f"adapter valid loss {ada:.4f} < base {base:.4f} (-{base - ada:.4f} nats per assistant "
-                    f"token, perplexity x{math.exp(ada - base):.2f}): the adapter is better on held-out dialogues")
-        return (f"WARNING: adapter valid loss {ada:.4f} is NOT below the base's {base:.4f}: training did not help "
-                "on held-out dialogues (try more epochs, another learning_rate, or more data)")
-
-    def card_view(self) -> dict[str, Any]:
-        """The registry card without its long loss history (the curves are plotted instead)."""
-        return {k: v for k, v in self.card.items() if k not in ("loss_history",)}
-
-    def speed_table(self):
-        import pandas as pd
-
-        keys = ("wall_s", "train_tokens_per_s", "padding_fraction", "trainable_params", "total_params",
-                "trainable_fraction", "global_step", "epochs")
-        return pd.DataFrame([{k: self.metrics.get(k) for k in keys}], index=[self.name])
-
-    def files(self):
-        """The files written for this model: path and size."""
-        import pandas as pd
-
-        rows = []
-        if self.adapter_dir and self.adapter_dir.is_dir():
-            for p in sorted(self.adapter_dir.iterdir()):
-                if p.is_file():
-                    rows.append({"file": portable(p), "bytes": p.stat().st_size})
-        if self.card_path and self.card_path.is_file():
-            rows.append({"file": portable(self.card_path), "bytes": self.card_path.stat().st_size})
-        return pd.DataFrame(rows, columns=["file", "bytes"])
-
-    def summary(self) -> str:
-        if self.skipped:
-            return f"local LoRA skipped: {self.skipped}"
-        m = self.metrics
-        base, ada = m.get("base_valid_loss"), m.get("adapter_valid_loss")
-        loss = (f"valid loss base {base:.4f} -> adapter {ada:.4f}" if base is not None and ada is not None
-                else "no valid examples: no held-out loss")
-        return (f"{self.name}: {loss}; {m.get('train_tokens_per_s', 0):,.0f} tokens/s, padding "
-                f"{m.get('padding_fraction', 0):.1%}, {m.get('wall_s', 0):.1f} s, step {m.get('global_step')} -> "
-                f"{portable(self.adapter_dir) if self.adapter_dir else '?'}")
-
-
-def plot_loss_curves(result: TrainResult | Mapping[str, Any], ax=None):
-    """Train loss per optimizer step, valid loss per epoch, and the base's valid loss (dashed)."""
-    import matplotlib.pyplot as plt
-
-    history = result.history if isinstance(result, TrainResult) else result
-    if isinstance(result, TrainResult) and result.skipped:
-        print(f"no curves: {result.skipped}")
-        return None
-    if ax is None:
-        _, ax = plt.subplots(figsize=(7, 3.6))
-    train = history.get("train", [])
-    valid = history.get("valid", [])
-    if train:
-        ax.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1, label="train (per step)")
-    if valid:
-        ax.plot([r["step"] for r in valid], [r["loss"] for r in valid], "o-", label="valid (per epoch)")
-    if history.get("base_valid_loss") is not None:
-        ax.axhline(history["base_valid_loss"], ls="--", color="gray", label="base model, valid")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy per assistant token")
-    ax.set_title("local LoRA: loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    return ax
+__all__ = ["LoraRun", "train_lora", "main", "SKIPPED_EXIT"]
 
 
 # =============================================================================== the run
@@ -297,6 +88,7 @@ class LoraRun:
         self.adapter_dir = cards.models_dir(self.run_dir) / slug
         self.card_file = cards.card_path(self.run_dir, config.name)
         self.checkpoint_root = self.run_dir / "checkpoints" / slug
+        self.checkpoints = Checkpoints(self.checkpoint_root, is_main=self.is_main, log=self._log, barrier=self._barrier)
         self.memory = None
 
     @property
@@ -406,8 +198,8 @@ class LoraRun:
 
         padding_free = cfg.attn_implementation.startswith("flash_attention") and not cfg.packing
         liger = cfg.use_liger_kernel is True or (cfg.use_liger_kernel == "auto" and self.plan.device == "cuda"
-                                                 and _installed("liger_kernel"))
-        if cfg.use_liger_kernel is True and not _installed("liger_kernel"):
+                                                 and installed("liger_kernel"))
+        if cfg.use_liger_kernel is True and not installed("liger_kernel"):
             raise ValueError("use_liger_kernel: true needs the liger-kernel package (pip install liger-kernel), "
                              "or set it to 'auto'")
         self.args = build_sft_config(cfg, output_dir=str(self.checkpoint_root), device=self.plan.device,
@@ -535,79 +327,9 @@ class LoraRun:
             lines.append(self.memory.describe())
         return "\n".join(lines)
 
-    # ----------------------------------------------------------------- resume
-    def _state_file(self) -> Path:
-        return self.checkpoint_root / "kokoro_run.json"
-
-    def _find_resume(self) -> str | None:
-        resume = self.cfg.resume
-        root = self.checkpoint_root
-        last = self._last_complete_checkpoint() if root.is_dir() else None
-        recorded = None
-        if self._state_file().is_file():
-            recorded = json.loads(self._state_file().read_text(encoding="utf-8")).get("fingerprint")
-        if resume in (False, None, "never", "no", "false"):
-            self._clear_checkpoints()
-            return None
-        if resume not in (True, "auto", "latest", "true"):
-            path = resolve(str(resume))
-            if not (path / "trainer_state.json").is_file():
-                raise FileNotFoundError(f"resume={resume!r}: {path} is not a checkpoint folder (no trainer_state.json)")
-            return str(path)
-        if last is None:
-            if resume in (True, "latest", "true"):
-                raise FileNotFoundError(f"resume={resume!r} but there is no checkpoint in {root}")
-            return None
-        if recorded != self.fingerprint:
-            message = (f"checkpoint {portable(last)} was written by a run with another base (by content), data or "
-                       f"settings (fingerprint {recorded} != {self.fingerprint})")
-            if resume != "auto":
-                raise ValueError(message + "; set resume='never' to start over")
-            self._log(f"not resuming: {message}. Starting over; the old checkpoints are removed.")
-            self._clear_checkpoints()
-            return None
-        return last
-
-    def _last_complete_checkpoint(self) -> str | None:
-        """The newest checkpoint the Trainer finished writing (trainer_state.json is written last):
-        a kill in the middle of a save leaves a newer, partial folder, which is removed."""
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-        def step(p: Path) -> int:
-            tail = p.name[len(PREFIX_CHECKPOINT_DIR) + 1:]
-            return int(tail) if tail.isdigit() else -1
-
-        folders = sorted((p for p in self.checkpoint_root.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
-                          if p.is_dir() and step(p) >= 0), key=step, reverse=True)
-        for folder in folders:
-            try:
-                json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                if self.is_main:
-                    self._log(f"removing {portable(folder)}: its save was interrupted")
-                    shutil.rmtree(folder, ignore_errors=True)
-                continue
-            return str(folder)
-        return None
-
-    def _clear_checkpoints(self) -> None:
-        if self.is_main and self.checkpoint_root.exists():
-            shutil.rmtree(self.checkpoint_root, ignore_errors=True)
-        self._barrier()
-
     def _barrier(self) -> None:
         if self.world_size > 1:
             self.trainer.accelerator.wait_for_everyone()
-
-    def _write_state(self, base_loss: float | None, resuming: bool) -> None:
-        if self.is_main:
-            self.checkpoint_root.mkdir(parents=True, exist_ok=True)
-            old = (json.loads(self._state_file().read_text(encoding="utf-8"))
-                   if resuming and self._state_file().is_file() else {})
-            self._state_file().write_text(json.dumps(dict(old, fingerprint=self.fingerprint, base_valid_loss=base_loss,
-                                                          base_fingerprint=self.base_fingerprint), indent=1) + "\n",
-                                          encoding="utf-8")
-        self._barrier()
 
     # ----------------------------------------------------------------- training
     def train(self) -> TrainResult:
@@ -618,23 +340,24 @@ class LoraRun:
         self.prepare()
         cfg, trainer = self.cfg, self.trainer
         session_t0 = time.perf_counter()
-        resume_from = self._find_resume()
+        checkpoints = self.checkpoints
+        resume_from = checkpoints.find(cfg.resume, self.fingerprint)
         base_loss = None
         prior_wall = 0.0
         if resume_from is not None:
-            saved = json.loads(self._state_file().read_text(encoding="utf-8"))
+            saved = checkpoints.state(required=True)
             base_loss = saved.get("base_valid_loss")
             prior_wall = float(saved.get("wall_s", 0.0) or 0.0)
             self._log(f"resuming from {portable(resume_from)}")
         elif cfg.heldout_eval and cfg.evaluate_base and trainer.eval_dataset is not None:
             base_loss = trainer.heldout_loss(adapter=False)
         self._base_ref["base_valid_loss"] = base_loss
-        self._write_state(base_loss, resume_from is not None)
+        checkpoints.start(self.fingerprint, base_loss, self.base_fingerprint, resuming=resume_from is not None)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.utils.checkpoint.*", category=UserWarning)
             trainer.train(resume_from_checkpoint=resume_from)
         state = trainer.state
-        history = self._history(base_loss)
+        history = loss_history(trainer.state.log_history, base_loss)
         finished = state.global_step >= state.max_steps
         adapter_loss = None
         if cfg.heldout_eval and trainer.eval_dataset is not None:
@@ -648,37 +371,9 @@ class LoraRun:
             else:
                 adapter_loss = trainer.heldout_loss()
         wall = prior_wall + time.perf_counter() - session_t0
-        if self.is_main:
-            saved = json.loads(self._state_file().read_text(encoding="utf-8")) if self._state_file().is_file() else {}
-            self.checkpoint_root.mkdir(parents=True, exist_ok=True)
-            self._state_file().write_text(json.dumps(dict(saved, wall_s=wall), indent=1) + "\n", encoding="utf-8")
-        resumed = list(self._resumed_from()) + ([Path(resume_from).name] if resume_from else [])
+        checkpoints.update(wall_s=wall)
+        resumed = checkpoints.resumed_from() + ([Path(resume_from).name] if resume_from else [])
         return self._write_outputs(history, adapter_loss, finished, wall, resumed)
-
-    def _resumed_from(self) -> list[str]:
-        try:
-            saved = json.loads(self._state_file().read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return []
-        return list(saved.get("resumed_from", []))
-
-    def _history(self, base_loss: float | None) -> dict[str, Any]:
-        train, valid = [], []
-        for e in self.trainer.state.log_history:
-            if "loss" in e and "step" in e:
-                gn = e.get("grad_norm")
-                train.append({"step": e["step"], "epoch": round(float(e.get("epoch", 0)), 4),
-                              "loss": round(float(e["loss"]), 5), "lr": e.get("learning_rate"),
-                              "time_s": e.get("step_time_s"),
-                              "grad_norm": round(float(gn), 4) if gn is not None and math.isfinite(gn) else None})
-            elif "eval_loss" in e:
-                ep = float(e.get("epoch", 0))
-                valid.append({"step": e["step"], "epoch": int(round(ep)) if abs(ep - round(ep)) < 1e-6 else ep,
-                              "loss": float(e["eval_loss"])})
-        # a resumed run can log a step twice (the checkpoint's history, then the session's): keep the last
-        train = list({r["step"]: r for r in train}.values())
-        valid = list({r["step"]: r for r in valid}.values())
-        return {"train": train, "valid": valid, "base_valid_loss": base_loss}
 
     # ----------------------------------------------------------------- outputs
     def metrics(self, history: dict[str, Any], adapter_loss: float | None, wall: float,
@@ -715,26 +410,13 @@ class LoraRun:
                              metrics=metrics, history=history, data=data)
         if self.is_main:
             if resumed:
-                saved = json.loads(self._state_file().read_text(encoding="utf-8"))
-                self._state_file().write_text(json.dumps(dict(saved, resumed_from=resumed), indent=1) + "\n",
-                                              encoding="utf-8")
-            tmp = self.adapter_dir.with_name(self.adapter_dir.name + f".tmp-{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            with quiet_transformers():
-                self.trainer.accelerator.unwrap_model(self.model).save_pretrained(tmp)
-                # generation must give the template the messages as training did (prompts.render_prompt)
-                self.tokenizer.init_kwargs[SYSTEM_PROMPT_MODE_KEY] = self.encoder.system_prompt_mode
-                self.tokenizer.save_pretrained(tmp)
-            portable_tokenizer_files(tmp)
-            (tmp / "history.json").write_text(json.dumps(history, indent=1) + "\n", encoding="utf-8")
-            (tmp / "data_report.json").write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n",
-                                                  encoding="utf-8")
-            card = self._card(metrics, history, data, finished)
-            (tmp / "README.md").write_text(self._readme(card), encoding="utf-8")
-            if self.adapter_dir.exists():
-                shutil.rmtree(self.adapter_dir)
-            os.replace(tmp, self.adapter_dir)
+                self.checkpoints.update(resumed_from=resumed)
+            card = adapter_card(cfg, self.plan, adapter_dir=self.adapter_dir, checkpoint_root=self.checkpoint_root,
+                                base_path=self.base_path, base_fingerprint=self.base_fingerprint, encoder=self.encoder,
+                                world_size=self.world_size, device_name=self._device_name(), metrics=metrics,
+                                history=history, data=data, finished=finished)
+            save_adapter(self.adapter_dir, self.trainer.accelerator.unwrap_model(self.model), self.tokenizer,
+                         self.encoder.system_prompt_mode, history, data, card)
             cards.save_card(self.card_file, card)
             result.card = card
             if not finished:
@@ -743,85 +425,12 @@ class LoraRun:
         self._barrier()
         return result
 
-    def _card(self, metrics: dict[str, Any], history: dict[str, Any], data: dict[str, Any],
-              finished: bool) -> dict[str, Any]:
-        import trl
-
-        cfg = self.cfg
-        adapter = portable(self.adapter_dir)
-        usage = (
-            f"Local LoRA adapter in {adapter} (peft). Load it with kokoro_helpers (04_local_lora_inference) or: "
-            f"tok = AutoTokenizer.from_pretrained('{adapter}'); base = AutoModelForCausalLM.from_pretrained(<base>); "
-            f"model = PeftModel.from_pretrained(base, '{adapter}'). Prompt with tok.apply_chat_template(messages, "
-            f"add_generation_prompt=True); generation ends at {self.encoder.end_of_turn}. Base: "
-            f"{cfg.local_base_model}" + (" (built by kokoro_helpers.local.tiny_model; a smoke model whose replies mean "
-                                         "nothing)" if is_embedded(cfg.local_base_model) else "") + ".")
-        training_params = dict(cfg.training_params(), system_prompt_mode_used=self.encoder.system_prompt_mode,
-                               precision=self.plan.precision, device=self.plan.device,
-                               device_name=self._device_name(), world_size=self.world_size,
-                               trainer=f"trl.SFTTrainer {trl.__version__}")
-        return cards.new_card(
-            kind="local_lora", model_id=cfg.name, base_model=cfg.local_base_model,
-            training_params=training_params, usage_instructions=usage,
-            adapter_path=adapter, base_model_path=portable(Path(self.base_path))
-            if Path(self.base_path).exists() else self.base_path, base_fingerprint=self.base_fingerprint,
-            training_metrics=metrics, loss_history=history, training_data=data,
-            end_of_turn_token=self.encoder.end_of_turn, finished=finished,
-            checkpoints=portable(self.checkpoint_root), smoke_model=is_embedded(cfg.local_base_model))
-
     def _device_name(self) -> str | None:
         """The GPU's name (cost estimates quote it); None on the CPU."""
         if self.plan.device != "cuda":
             return None
         import torch
         return torch.cuda.get_device_name(self.args.device)
-
-
-    def _readme(self, card: dict[str, Any]) -> str:
-        m, d, p = card["training_metrics"], card["training_data"], card["training_params"]
-
-        def f(x, spec=".4f"):
-            return "n/a" if x is None else format(x, spec)
-
-        smoke = ("\n> **Smoke model.** The base is the package's embedded tiny model: the adapter exists to test "
-                 "the pipeline, and its replies mean nothing.\n" if card.get("smoke_model") else "")
-        params = "\n".join(f"| {k} | {v} |" for k, v in p.items())
-        return f"""# {card['model_id']} — local LoRA adapter
-{smoke}
-- **Base model:** `{card['base_model']}` (loaded from `{card['base_model_path']}`)
-- **Kind:** local_lora (peft LoRA adapter; `adapter_model.safetensors`, `adapter_config.json`)
-- **Tokenizer:** the base's, saved here with its chat template; turns end with `{card['end_of_turn_token']}`
-- **Trained:** {card['timestamp']}{'' if card['finished'] else ' — PARTIAL (stopped by max_steps)'}
-
-## Data
-- train.jsonl sha256 `{d['train_sha256']}`
-- valid.jsonl sha256 `{d['valid_sha256']}`
-- train: {d['train']['examples']} examples -> {d['train']['sequences']} sequences, {d['train']['tokens']:,} tokens
-  ({d['train']['trained_tokens']:,} on assistant turns); dropped exchanges: {d['train']['dropped_exchanges']}
-- valid: {d['valid']['examples']} examples -> {d['valid']['sequences']} sequences, {d['valid']['tokens']:,} tokens
-
-## Metrics
-| metric | value |
-|---|---|
-| valid loss, base (adapter off) | {f(m['base_valid_loss'])} |
-| valid loss, with adapter | {f(m['adapter_valid_loss'])} |
-| train tokens/s (non-padding) | {f(m['train_tokens_per_s'], ',.0f')} |
-| padding fraction | {f(m['padding_fraction'], '.1%')} |
-| wall time (s) | {f(m['wall_s'], '.1f')} |
-| trainable / total parameters | {m['trainable_params']:,} / {m['total_params']:,} ({f(m['trainable_fraction'], '.2%')}) |
-| optimizer steps | {m['global_step']} / {m['total_steps']} |
-
-Valid loss is the mean cross-entropy per assistant token (content and end-of-turn), on
-the held-out split written by 01_data.
-
-## Training parameters
-| parameter | value |
-|---|---|
-{params}
-
-## Use
-{card['usage_instructions']}
-"""
 
 
 def train_lora(config: LoraTrainConfig | Mapping[str, Any], **overrides: Any) -> TrainResult:
