@@ -360,19 +360,30 @@ def test_sentencepiece_replies_carry_no_spurious_prefix(base_tokenizers):
     assert labelled[:len(per_piece)] != per_piece        # the old way would have trained these ids
 
 
+# each Hub id family params/kokorochat.yaml may suggest -> the template fixture that stands for it
+SUGGESTED_FAMILIES = {"Qwen/Qwen2.5": "qwen2.5", "llm-jp/llm-jp-3": "llm-jp-3", "google/gemma-2": "gemma-2"}
+
+
 def test_every_base_suggested_in_kokorochat_yaml_works_with_it_as_is(base_tokenizers):
-    """params/kokorochat.yaml suggests Qwen2.5, llm-jp-3 (and sarashina2.2, whose template is not
-    among the fixtures): with that file's system_prompt and system_prompt_mode, the sample's
-    conversation shapes encode on each suggested base."""
+    """Every base params/kokorochat.yaml names (the local_base_model and the ones its comment suggests) has
+    its real template here, and with that file's system_prompt and system_prompt_mode the sample's
+    conversation shapes encode exactly on it. A base suggested without a tested template fails here."""
+    import re
+
     import yaml
 
     from kokoro_helpers.paths import resolve
 
-    params = yaml.safe_load(resolve("params/kokorochat.yaml").read_text(encoding="utf-8"))
     raw = resolve("params/kokorochat.yaml").read_text(encoding="utf-8")
-    assert "llm-jp/llm-jp-3" in raw and "Qwen/Qwen2.5" in raw
+    params = yaml.safe_load(raw)
+    line = next(ln for ln in raw.splitlines() if ln.startswith("local_base_model:"))
+    suggested = [b for b in re.findall(r"[\w.-]+/[\w.-]+", line) if not b.startswith("tests/")]
+    assert len(suggested) >= 3 and suggested[0] == params["local_base_model"]
+    untested = [b for b in suggested if not any(b.startswith(f) for f in SUGGESTED_FAMILIES)]
+    assert not untested, f"kokorochat.yaml suggests bases whose templates are not tested: {untested}"
     system = {"role": "system", "content": params["system_prompt"]}
-    for template in ("qwen2.5", "llm-jp-3"):
+    for base in suggested:
+        template = next(t for f, t in SUGGESTED_FAMILIES.items() if base.startswith(f))
         for kind in KINDS:
             tokenizer = make_tokenizer(base_tokenizers, template, kind)
             encoder = ChatEncoder(tokenizer, system_prompt_mode=params["system_prompt_mode"])
