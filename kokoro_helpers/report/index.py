@@ -123,7 +123,7 @@ def key_figures(run_dir: Path) -> dict[str, str]:
         metrics = card.get("training_metrics") or {}
         kind = card.get("kind", "openai")
         if kind == "local_lora":
-            from kokoro_helpers.report.cost_report import device_label
+            from kokoro_helpers.report.local_costs import device_label
             result = (f"{num(metrics.get('epochs'), '.1f')} epochs, {num(metrics.get('train_tokens_per_s'), ',.0f')} "
                       f"tokens/s on {device_label(card)[0]}, {num(metrics.get('wall_s'), ',.1f')} s"
                       + ("" if card.get("finished", True) else " — PARTIAL"))
@@ -204,7 +204,7 @@ def key_figures(run_dir: Path) -> dict[str, str]:
     # 05: the cost table of cost/summary.json (every figure with its basis and the prices' date)
     cost = _read_json(run_dir / "cost" / "summary.json")
     if cost:
-        from kokoro_helpers.report.cost_report import key_figure_rows
+        from kokoro_helpers.report.cost_summary import key_figure_rows
         out["05"] = _table(key_figure_rows(cost))
     return out
 
