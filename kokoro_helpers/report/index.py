@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kokoro_helpers.jsonio import read_json
+from kokoro_helpers.jsonio import read_json, write_text_atomic
 from kokoro_helpers.params import load_params, parse_overrides, run_name
 from kokoro_helpers.paths import project_root, resolve
 
@@ -74,7 +74,7 @@ def render_html(nb_path: Path) -> Path:
     import nbformat
     body, _ = HTMLExporter().from_notebook_node(nbformat.read(str(nb_path), as_version=4))
     out = nb_path.with_suffix(".html")
-    out.write_text(body, encoding="utf-8")
+    write_text_atomic(out, body)
     return out
 
 
@@ -251,7 +251,7 @@ def write_index(out_dir: Path, runs: list[NotebookRun], params: dict[str, Any], 
         parts.append(f"<p><a href='{html.escape(r.html.name)}'>open {html.escape(r.name)}</a></p></section>")
     parts.append("</body></html>")
     index = out_dir / "index.html"
-    index.write_text("\n".join(parts), encoding="utf-8")
+    write_text_atomic(index, "\n".join(parts))
     return index
 
 
