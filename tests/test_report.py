@@ -92,7 +92,7 @@ def test_project_notebooks_declare_the_shared_names():
 def _write_artefacts_of_every_step(run_dir: Path) -> None:
     """What 02, 03 and 05 write, in their contract shapes (invented numbers, no KokoroChat text)."""
     from kokoro_helpers import cards
-    from kokoro_helpers.report import cost_report
+    from kokoro_helpers.report.cost_summary import build_summary
 
     local = cards.new_card("local_lora", "lora-tiny", "embedded:tiny", {"device": "cpu", "world_size": 1},
                            training_metrics={"train_tokens_per_s": 800.0, "wall_s": 12.5, "epochs": 3.0,
@@ -114,7 +114,7 @@ def _write_artefacts_of_every_step(run_dir: Path) -> None:
     (ev / "human_summary.csv").write_text(
         "model,criterion,n,mean,sd,ci_low,ci_high,n_raters,n_items,n_demo\n"
         "lora-tiny,accuracy,4,2.5,0.5,1.7,3.3,2,2,0\nlora-tiny,empathy,4,3.25,0.5,2.4,4.1,2,2,0\n")
-    cost_report.build_summary(run_dir)
+    build_summary(run_dir)
 
 
 def test_index_opens_with_parameters_and_shows_key_figures_of_every_step(tmp_path):

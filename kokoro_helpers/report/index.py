@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kokoro_helpers.jsonio import read_json
+from kokoro_helpers.jsonio import read_json, write_text_atomic
 from kokoro_helpers.params import load_params, parse_overrides, run_name
 from kokoro_helpers.paths import project_root, resolve
 
@@ -74,7 +74,7 @@ def render_html(nb_path: Path) -> Path:
     import nbformat
     body, _ = HTMLExporter().from_notebook_node(nbformat.read(str(nb_path), as_version=4))
     out = nb_path.with_suffix(".html")
-    out.write_text(body, encoding="utf-8")
+    write_text_atomic(out, body)
     return out
 
 
@@ -123,7 +123,7 @@ def key_figures(run_dir: Path) -> dict[str, str]:
         metrics = card.get("training_metrics") or {}
         kind = card.get("kind", "openai")
         if kind == "local_lora":
-            from kokoro_helpers.report.cost_report import device_label
+            from kokoro_helpers.report.local_costs import device_label
             result = (f"{num(metrics.get('epochs'), '.1f')} epochs, {num(metrics.get('train_tokens_per_s'), ',.0f')} "
                       f"tokens/s on {device_label(card)[0]}, {num(metrics.get('wall_s'), ',.1f')} s"
                       + ("" if card.get("finished", True) else " — PARTIAL"))
@@ -204,7 +204,7 @@ def key_figures(run_dir: Path) -> dict[str, str]:
     # 05: the cost table of cost/summary.json (every figure with its basis and the prices' date)
     cost = _read_json(run_dir / "cost" / "summary.json")
     if cost:
-        from kokoro_helpers.report.cost_report import key_figure_rows
+        from kokoro_helpers.report.cost_summary import key_figure_rows
         out["05"] = _table(key_figure_rows(cost))
     return out
 
@@ -251,7 +251,7 @@ def write_index(out_dir: Path, runs: list[NotebookRun], params: dict[str, Any], 
         parts.append(f"<p><a href='{html.escape(r.html.name)}'>open {html.escape(r.name)}</a></p></section>")
     parts.append("</body></html>")
     index = out_dir / "index.html"
-    index.write_text("\n".join(parts), encoding="utf-8")
+    write_text_atomic(index, "\n".join(parts))
     return index
 
 
