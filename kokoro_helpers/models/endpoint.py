@@ -9,18 +9,11 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from kokoro_helpers.concurrency import run_concurrently
 from kokoro_helpers.models.base import ChatModel, Messages, ModelError, OnResult, check_overrides, clean_message
-
-Log = Callable[[str], None] | None
-
-
-def _say(log: Log, msg: str) -> None:
-    if log is not None:
-        log(msg)
-
+from kokoro_helpers.notes import Log
 
 def usage_meta(resp: Any) -> dict[str, Any]:
     """What a chat.completions response says about itself: tokens, finish reason, the model that served it."""

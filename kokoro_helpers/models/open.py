@@ -5,21 +5,14 @@ model is."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 from kokoro_helpers import cards
 from kokoro_helpers.models.base import ChatModel, FunctionChatModel, ModelError
 from kokoro_helpers.models.endpoint import EndpointChatModel, endpoint_client
 from kokoro_helpers.models.local import LocalChatModel
+from kokoro_helpers.notes import Log, say
 from kokoro_helpers.paths import DEFAULT_RUN_DIR
-
-Log = Callable[[str], None] | None
-
-
-def _say(log: Log, msg: str) -> None:
-    if log is not None:
-        log(msg)
-
 
 def hosted_client(provider: str = "openai", max_retries: int = 5, timeout: float = 120.0, log: Log = print,
                   required: bool = False) -> Any:
@@ -28,7 +21,7 @@ def hosted_client(provider: str = "openai", max_retries: int = 5, timeout: float
     the SDK from the environment; it is never a parameter."""
     from kokoro_helpers.hosted import client as hosted
     if not hosted.has_api_key(provider) and not required:
-        _say(log, f"{hosted.KEY_ENV[provider]} is not set (environment or .env): {provider} models are skipped.")
+        say(log, f"{hosted.KEY_ENV[provider]} is not set (environment or .env): {provider} models are skipped.")
         return None
     return hosted.make_client(max_retries=max_retries, timeout=timeout, provider=provider)
 
@@ -128,7 +121,7 @@ def models_from_run(run_dir: str | Path = DEFAULT_RUN_DIR, include_base: bool = 
 
     def add(m: ChatModel) -> None:
         if m.name in seen:
-            _say(log, f"skipped a second model named {m.name!r}")
+            say(log, f"skipped a second model named {m.name!r}")
             return
         seen.add(m.name)
         models.append(m)
@@ -146,17 +139,17 @@ def models_from_run(run_dir: str | Path = DEFAULT_RUN_DIR, include_base: bool = 
         kind = card.get("kind")
         if kind == "openai":
             if not card.get("model_id"):
-                _say(log, f"skipped {path.name}: its job ({card.get('job_id')}) has no model yet "
+                say(log, f"skipped {path.name}: its job ({card.get('job_id')}) has no model yet "
                           f"(status {card.get('status')}); resume it in 02_finetune")
                 continue
             azure = card.get("provider") == "azure"
             if azure and not card.get("azure_deployment"):
-                _say(log, f"skipped {card['model_id']} ({path.name}): deploy it in Azure, then set "
+                say(log, f"skipped {card['model_id']} ({path.name}): deploy it in Azure, then set "
                           "azure_deployment in 02's parameters (see the card's usage_instructions)")
                 continue
             card_client = (client or hosted_client("azure", log=log)) if azure else openai_client
             if card_client is None:
-                _say(log, f"skipped {card['model_id']} ({path.name}): no OpenAI client (set OPENAI_API_KEY)")
+                say(log, f"skipped {card['model_id']} ({path.name}): no OpenAI client (set OPENAI_API_KEY)")
                 continue
             add(open_model(path, run_dir, client=card_client, endpoint={**hosted, **({} if azure else batch)},
                            **gen))
@@ -171,8 +164,8 @@ def models_from_run(run_dir: str | Path = DEFAULT_RUN_DIR, include_base: bool = 
                 if base.name not in seen:
                     add(base)
         else:
-            _say(log, f"skipped {path.name}: unknown kind {kind!r}")
+            say(log, f"skipped {path.name}: unknown kind {kind!r}")
     for ep in extra_endpoints or ():
         add(open_model(ep, run_dir, endpoint=hosted, **gen))
-    _say(log, f"{len(models)} model(s) to evaluate: " + (", ".join(m.name for m in models) or "none"))
+    say(log, f"{len(models)} model(s) to evaluate: " + (", ".join(m.name for m in models) or "none"))
     return models
