@@ -8,11 +8,10 @@ text is never truncated.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from kokoro_helpers.jsonio import content_sha1
 from kokoro_helpers.data.schema import ROLE_TO_OPENAI
 
 
@@ -37,8 +36,7 @@ class Dialogue:
 
 def content_id(obj: Any) -> str:
     """A stable id for a record without an evaluation id: the hash of its canonical JSON."""
-    blob = json.dumps(obj, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
-    return "sha1:" + hashlib.sha1(blob.encode("utf-8")).hexdigest()[:16]
+    return "sha1:" + content_sha1(obj)[:16]
 
 
 def record_id(record: dict[str, Any], fallback: str | None = None) -> int | str:

@@ -27,7 +27,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from kokoro_helpers.cards import now_iso
+from kokoro_helpers.cards import now_iso, slugify
 from kokoro_helpers.jsonio import content_sha1, read_jsonl, write_jsonl
 from kokoro_helpers.models.base import clean_message
 from kokoro_helpers.notes import Log, say
@@ -233,14 +233,9 @@ class JsonlCache:
 GEN_KEY = ("model", "item_id", "settings_sha")
 
 
-def _slug(name: str) -> str:
-    from kokoro_helpers.cards import slugify
-    return slugify(name)
-
-
 def generation_cache(run_dir: str | Path, model_name: str) -> JsonlCache:
     """The cache file of one model: run_dir/eval/cache/<slug of the name>.jsonl."""
-    return JsonlCache(eval_dir(run_dir) / "cache" / f"{_slug(model_name)}.jsonl", GEN_KEY)
+    return JsonlCache(eval_dir(run_dir) / "cache" / f"{slugify(model_name)}.jsonl", GEN_KEY)
 
 
 def generate_all(items: Sequence[Item], models: Sequence[Any], run_dir: str | Path = "runs/default", *,

@@ -16,7 +16,6 @@ caller), so asking again for requests that failed in it makes a new batch.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import time
@@ -24,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from kokoro_helpers.jsonio import iter_jsonl, read_json, write_json_atomic
+from kokoro_helpers.jsonio import content_sha1, iter_jsonl, read_json, write_json_atomic
 from kokoro_helpers.paths import resolve
 
 ENDPOINT = "/v1/chat/completions"
@@ -48,8 +47,7 @@ class BatchResult:
 
 
 def _requests_sha(bodies: Mapping[str, Mapping[str, Any]]) -> str:
-    blob = json.dumps(bodies, ensure_ascii=False, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha1(blob.encode("utf-8")).hexdigest()[:12]
+    return content_sha1(bodies)[:12]
 
 
 def _slug(name: str) -> str:

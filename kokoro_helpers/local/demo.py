@@ -10,9 +10,9 @@ from kokoro_helpers.jsonio import iter_jsonl, read_jsonl, write_json_atomic
 from kokoro_helpers.local.export import init_adapter
 from kokoro_helpers.local.model import LocalModel
 from kokoro_helpers.local.prompts import Messages, clean_messages
-from kokoro_helpers.local.sources import (DEFAULT_RUN_DIR, ModelNotFoundError, local_cards, not_found_message,
+from kokoro_helpers.local.sources import (ModelNotFoundError, local_cards, not_found_message,
                                           resolve_source)
-from kokoro_helpers.paths import portable, resolve
+from kokoro_helpers.paths import DEFAULT_RUN_DIR, portable, resolve
 
 
 def system_prompt_of(run_dir: str | Path = DEFAULT_RUN_DIR) -> str | None:

@@ -11,10 +11,10 @@ from typing import Any
 from kokoro_helpers import cards
 from kokoro_helpers.jsonio import atomic_dir
 from kokoro_helpers.local.precision import device_and_dtype
-from kokoro_helpers.local.sources import (ADAPTER_CONFIG, DEFAULT_RUN_DIR, is_tiny_build, resolve_base,
+from kokoro_helpers.local.sources import (ADAPTER_CONFIG, is_tiny_build, resolve_base,
                                           resolve_source)
 from kokoro_helpers.local.weights import load_adapted, load_full_model, load_tokenizer, quiet_loading
-from kokoro_helpers.paths import portable, resolve
+from kokoro_helpers.paths import DEFAULT_RUN_DIR, portable, resolve
 
 
 def merge_and_export(source: Any, out_dir: str | Path, run_dir: str | Path = DEFAULT_RUN_DIR, *,

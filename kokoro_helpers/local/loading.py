@@ -22,8 +22,9 @@ from typing import Any
 
 from kokoro_helpers.local.model import BASE_ADAPTER, AdapterInfo, LocalModel
 from kokoro_helpers.local.precision import device_and_dtype
-from kokoro_helpers.local.sources import DEFAULT_RUN_DIR, ModelSource, has_tokenizer, resolve_source
+from kokoro_helpers.local.sources import ModelSource, has_tokenizer, resolve_source
 from kokoro_helpers.local.weights import check_vocab, load_adapted, load_full_model, load_tokenizer
+from kokoro_helpers.paths import DEFAULT_RUN_DIR
 
 
 def load(source: Any, run_dir: str | Path = DEFAULT_RUN_DIR, *, base_model: str | None = None,

@@ -20,9 +20,9 @@ from typing import Any, Iterator, Sequence
 from kokoro_helpers.local.export import merge_and_export
 from kokoro_helpers.local.generate import batch_generate, generate, stream_generate
 from kokoro_helpers.local.prompts import Messages, context_length, end_of_turn_ids
-from kokoro_helpers.local.sources import DEFAULT_RUN_DIR, ModelSource, is_tiny_build, resolve_source
+from kokoro_helpers.local.sources import ModelSource, is_tiny_build, resolve_source
 from kokoro_helpers.local.weights import put_adapter
-from kokoro_helpers.paths import portable
+from kokoro_helpers.paths import DEFAULT_RUN_DIR, portable
 
 BASE_ADAPTER = "base"              # the pseudo-adapter name that means "adapter off, the base model"
 
