@@ -438,15 +438,14 @@ def test_parallel_encoding_keeps_order_and_uses_other_threads(monkeypatch):
     monkeypatch.setattr(tokens_mod.os, "cpu_count", lambda: 2)
     enc = ThreadRecordingEncoding()
     texts = [f"テキスト{i}" + "あ" * (i % 7) for i in range(tokens_mod.PARALLEL_MIN_TEXTS * 2 + 3)]
-    out = tokens_mod._encode_parallel(enc.encode, texts)
-    assert [len(x) for x in out] == [len(t) for t in texts]            # same order, nothing lost
-    assert out[5] == [ord(c) for c in texts[5]]
+    out = tokens_mod._count_parallel(enc.encode, texts)
+    assert out == [len(t) for t in texts]                              # same order, nothing lost
     assert threading.get_ident() not in enc.threads and enc.calls == len(texts)
 
 
 def test_small_batches_are_encoded_in_the_calling_thread():
     enc = ThreadRecordingEncoding()
-    tokens_mod._encode_parallel(enc.encode, ["あい", "う"])
+    assert tokens_mod._count_parallel(enc.encode, ["あい", "う"]) == [2, 1]
     assert enc.threads == {threading.get_ident()}
 
 
@@ -470,3 +469,27 @@ def test_message_costs_many_equals_one_call_per_example():
     assert counter.message_costs_many(examples) == [counter.message_costs(m) for m in examples]
     est = estimate_counter()
     assert est.message_costs_many(examples) == [est.message_costs(m) for m in examples]
+
+
+def _count_in_child(queue):
+    texts = ["あいう"] * (tokens_mod.PARALLEL_MIN_TEXTS + 1)
+    queue.put(sum(tokens_mod._count_parallel(lambda t: list(t), texts)))
+
+
+def test_a_forked_child_gets_its_own_encoding_threads(monkeypatch):
+    """The pool's threads do not survive a fork (datasets' num_proc, a forking DataLoader): a child
+    that counts makes its own instead of waiting forever on the parent's."""
+    import multiprocessing
+
+    monkeypatch.setattr(tokens_mod.os, "cpu_count", lambda: 2)
+    texts = ["あ"] * (tokens_mod.PARALLEL_MIN_TEXTS + 1)
+    assert sum(tokens_mod._count_parallel(lambda t: list(t), texts)) == len(texts)   # the parent's pool
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_count_in_child, args=(queue,))
+    child.start()
+    child.join(30)
+    alive = child.is_alive()
+    if alive:
+        child.kill()
+    assert not alive and queue.get(timeout=5) == 3 * (tokens_mod.PARALLEL_MIN_TEXTS + 1)

@@ -176,6 +176,7 @@ class TokenCounter:
     name: str
     encode: Callable[[str], Sequence[int]] | None = None
     _batch: Callable[[list[str]], list[Sequence[int]]] | None = field(default=None, repr=False)
+    _lengths_batch: Callable[[list[str]], list[int]] | None = field(default=None, repr=False)
 
     @property
     def is_estimate(self) -> bool:
@@ -195,6 +196,8 @@ class TokenCounter:
         return self._lengths(texts)
 
     def _lengths(self, texts: list[str]) -> list[int]:
+        if self._lengths_batch is not None:
+            return self._lengths_batch(texts)
         if self._batch is not None:
             return [len(ids) for ids in self._batch(texts)]
         return [len(self.encode(t)) for t in texts]
@@ -280,26 +283,30 @@ def _load_encoding(timeout: float):
 
 
 _CACHED: dict[str, TokenCounter] = {}
-_POOL: list[Any] = []
+_POOL: dict[str, Any] = {}          # {"pid": ..., "pool": ThreadPoolExecutor}: a forked child makes its own
+_POOL_LOCK = threading.Lock()
 PARALLEL_MIN_TEXTS = 4096   # fewer texts are encoded in the calling thread (a hand-off costs more)
 
 
-def _encode_parallel(encode: Callable[[str], Sequence[int]], texts: list[str]) -> list[Sequence[int]]:
-    """[encode(t) for t in texts], in a few large chunks over a persistent pool of threads.
+def _count_parallel(encode: Callable[[str], Sequence[int]], texts: list[str]) -> list[int]:
+    """[len(encode(t)) for t in texts], in a few large chunks over a persistent pool of threads.
 
     tiktoken releases the GIL while it encodes, so the chunks run on every core. Its own
     `encode_ordinary_batch` starts a new pool and hands each text over separately; for 01's
-    600k short utterances that costs 5x the encoding itself (see benchmarks/bench_data.py)."""
+    600k short utterances that costs 5x the encoding itself (benchmarks/bench_data.py). Only the
+    lengths come back, not 14 M token ids."""
     workers = min(8, os.cpu_count() or 1)
     if workers < 2 or len(texts) < PARALLEL_MIN_TEXTS:
-        return [encode(t) for t in texts]
-    if not _POOL:
-        from concurrent.futures import ThreadPoolExecutor
-        _POOL.append(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="o200k"))
+        return [len(encode(t)) for t in texts]
+    with _POOL_LOCK:
+        if _POOL.get("pid") != os.getpid():      # threads do not survive a fork
+            from concurrent.futures import ThreadPoolExecutor
+            _POOL.update(pid=os.getpid(), pool=ThreadPoolExecutor(max_workers=workers, thread_name_prefix="o200k"))
+        pool = _POOL["pool"]
     size = -(-len(texts) // (4 * workers))       # 4 chunks per thread: even when one is slowed
-    chunks = _POOL[0].map(lambda chunk: [encode(t) for t in chunk],
-                          [texts[i:i + size] for i in range(0, len(texts), size)])
-    return [ids for chunk in chunks for ids in chunk]
+    chunks = pool.map(lambda chunk: [len(encode(t)) for t in chunk],
+                      [texts[i:i + size] for i in range(0, len(texts), size)])
+    return [n for chunk in chunks for n in chunk]
 
 
 def get_token_counter(encoding: Any = None, timeout: float = 8.0) -> TokenCounter:
@@ -321,7 +328,7 @@ def get_token_counter(encoding: Any = None, timeout: float = 8.0) -> TokenCounte
         counter = estimate_counter()
     else:
         counter = TokenCounter(name=ENCODING, encode=enc.encode_ordinary,
-                               _batch=lambda texts: _encode_parallel(enc.encode_ordinary, texts))
+                               _lengths_batch=lambda texts: _count_parallel(enc.encode_ordinary, texts))
     _CACHED["auto"] = counter
     return counter
 
