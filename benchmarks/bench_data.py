@@ -16,7 +16,7 @@ What it does:
 
 The target was <= 3 when 01 counted tokens with the estimate; it still holds for (c). Exact
 encoding of ~17 M characters of Japanese takes ~3 CPU-seconds even with each distinct text
-encoded once, on every core, so on a 2-core machine (a) is ~6-7x the bare json.load.
+encoded once, on every core, so on a 2-core machine (a) is ~5-6x the bare json.load.
 
     .venv/bin/python benchmarks/bench_data.py                       # full size, temp corpus
     .venv/bin/python benchmarks/bench_data.py --corpus-dir .cache/bench   # build once, reuse
