@@ -175,7 +175,6 @@ class TokenCounter:
 
     name: str
     encode: Callable[[str], Sequence[int]] | None = None
-    _batch: Callable[[list[str]], list[Sequence[int]]] | None = field(default=None, repr=False)
     _lengths_batch: Callable[[list[str]], list[int]] | None = field(default=None, repr=False)
 
     @property
@@ -198,8 +197,6 @@ class TokenCounter:
     def _lengths(self, texts: list[str]) -> list[int]:
         if self._lengths_batch is not None:
             return self._lengths_batch(texts)
-        if self._batch is not None:
-            return [len(ids) for ids in self._batch(texts)]
         return [len(self.encode(t)) for t in texts]
 
     def message_costs_many(self, examples: list[list[dict[str, Any]]]) -> list[list[int]]:
@@ -320,7 +317,8 @@ def get_token_counter(encoding: Any = None, timeout: float = 8.0) -> TokenCounte
     if encoding is not None:
         name = getattr(encoding, "name", None) or "injected"
         batch = getattr(encoding, "encode_ordinary_batch", None)
-        return TokenCounter(name=str(name), encode=encoding.encode, _batch=batch)
+        lengths = (lambda texts: [len(ids) for ids in batch(texts)]) if batch is not None else None
+        return TokenCounter(name=str(name), encode=encoding.encode, _lengths_batch=lengths)
     if "auto" in _CACHED:
         return _CACHED["auto"]
     enc = _load_encoding(timeout)
